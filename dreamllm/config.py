@@ -1,0 +1,281 @@
+"""Typed configuration of a DreamLLM model and its named flavors.
+
+Owns: one small dataclass per component (LLM, vision tower, diffusion decoder,
+dream queries, special tokens, loss weights) and the flavors `debug`, `small`
+and `7b`. Every field has a one-line docstring and values are checked in
+`__post_init__`. Run-level settings (data, scaling, optimiser) live in the
+platform's experiment config, not here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("align", "igpt", "sft")
+"""Training stages of the paper (Sec. 3.2): I alignment, II I-GPT pretraining, III SFT."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class LLMConfig:
+    """The causal language model (Vicuna for 7b, a tiny Llama otherwise)."""
+
+    name_or_path: str | None = None
+    """HF id or local directory of a pretrained causal LM; None builds a random Llama from the sizes below."""
+    hidden_size: int = 64
+    """Model width (random init only; a pretrained model brings its own)."""
+    num_layers: int = 2
+    """Transformer blocks (random init only)."""
+    num_heads: int = 4
+    """Attention heads (random init only)."""
+    intermediate_size: int = 128
+    """MLP width (random init only)."""
+    context_length: int = 256
+    """Maximum sequence length in tokens; documents are cut at whole chunks to fit."""
+    seed: int = 0
+    """Seed of the random init, so that every process builds the same weights."""
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size % self.num_heads == 0, "llm.hidden_size must be divisible by llm.num_heads")
+        _check(self.context_length >= 16, "llm.context_length must be at least 16")
+
+
+@dataclass
+class VisionConfig:
+    """The frozen CLIP vision tower that turns an input image into visual tokens."""
+
+    name_or_path: str | None = None
+    """HF id or local directory of a CLIP model; None builds a random CLIP vision tower."""
+    image_size: int = 32
+    """Input resolution in pixels (224 for ViT-L/14)."""
+    patch_size: int = 8
+    """Patch size in pixels (14 for ViT-L/14)."""
+    hidden_size: int = 32
+    """Tower width (random init only; 1024 for ViT-L/14)."""
+    num_layers: int = 2
+    """Encoder layers (random init only)."""
+    num_heads: int = 4
+    """Attention heads (random init only)."""
+    select_layer: int = -2
+    """Which hidden state feeds the projector: -2 is the paper's penultimate layer."""
+    seed: int = 1
+    """Seed of the random init."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of vision.patch_size")
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens per image: one per patch, CLS dropped (256 for ViT-L/14 at 224 px)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class DiffusionConfig:
+    """The frozen Stable-Diffusion-style decoder: VAE, UNet and noise scheduler."""
+
+    name_or_path: str | None = None
+    """HF id or local directory in the diffusers layout (unet/, vae/, scheduler/); None builds random ones."""
+    resolution: int = 32
+    """Image side in pixels that the VAE encodes and decodes (512 for SD 2.1-base)."""
+    cross_attention_dim: int = 32
+    """UNet cross-attention width: the condition projector's output (1024 for SD 2.1)."""
+    unet_channels: tuple[int, ...] = (32, 64)
+    """UNet block widths (random init only)."""
+    vae_channels: tuple[int, ...] = (8, 16)
+    """VAE block widths (random init only); the latent side is resolution / 2**(len-1)."""
+    latent_channels: int = 4
+    """Channels of a VAE latent."""
+    num_train_timesteps: int = 1000
+    """Diffusion steps of the training scheduler; training timesteps are uniform over them."""
+    prediction_type: str = "epsilon"
+    """What the UNet predicts: 'epsilon' (SD 2.1-base) or 'v_prediction'."""
+    seed: int = 2
+    """Seed of the random init."""
+
+    def __post_init__(self) -> None:
+        self.unet_channels = tuple(self.unet_channels)
+        self.vae_channels = tuple(self.vae_channels)
+        _check(self.prediction_type in ("epsilon", "v_prediction"),
+               f"diffusion.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        _check(self.resolution % 2 ** (len(self.vae_channels) - 1) == 0,
+               "diffusion.resolution must be divisible by the VAE downsampling factor")
+
+    @property
+    def latent_size(self) -> int:
+        """Side of a latent for random-init VAEs (resolution / 8 for SD)."""
+        return self.resolution // 2 ** (len(self.vae_channels) - 1)
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the base tokenizer comes from and the special tokens DreamLLM adds to it."""
+
+    name_or_path: str | None = None
+    """HF id or local directory of the LLM's tokenizer; None trains a small BPE on bundled text."""
+    vocab_size: int = 512
+    """Vocabulary of the locally trained BPE (ignored for a pretrained tokenizer)."""
+    im_start: str = "<im_start>"
+    """Opens an image-input block."""
+    im_patch: str = "<im_patch>"
+    """Placeholder of one visual token or one dream query slot."""
+    im_end: str = "<im_end>"
+    """Closes an image-input block."""
+    dream_start: str = "<dream_start>"
+    """Emitted by the LM where an image belongs: opens a dream slot."""
+    dream_end: str = "<dream_end>"
+    """Closes a dream slot."""
+    pad: str = "<pad>"
+    """Padding (Vicuna has none)."""
+
+    @property
+    def added_tokens(self) -> list[str]:
+        return [self.im_start, self.im_patch, self.im_end, self.dream_start, self.dream_end, self.pad]
+
+
+@dataclass
+class LossWeights:
+    """Weights of the LM cross-entropy and the diffusion MSE in the total loss."""
+
+    lm: float = 1.0
+    """Weight of the next-token cross-entropy on text."""
+    diffusion: float = 10.0
+    """Weight of the diffusion (epsilon) MSE on dream slots."""
+
+    def __post_init__(self) -> None:
+        _check(self.lm >= 0 and self.diffusion >= 0, "loss weights must be non-negative")
+
+
+def _default_stage_losses() -> dict[str, LossWeights]:
+    # Stage I mixes comprehension pairs (LM loss only: they have no dream slot)
+    # and creation pairs (diffusion only: the sequence builder masks their
+    # caption), so both weights are 1 and each pair carries one loss.
+    return {"align": LossWeights(1.0, 1.0), "igpt": LossWeights(1.0, 10.0), "sft": LossWeights(1.0, 10.0)}
+
+
+@dataclass
+class DreamLLMConfig:
+    """A whole DreamLLM: components, dream queries, losses and guidance."""
+
+    flavor: str = "debug"
+    """Name of the flavor this config came from (informational)."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """The causal LM."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """The frozen vision tower."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """The frozen image decoder."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Base tokenizer and DreamLLM's special tokens."""
+    num_dream_queries: int = 4
+    """Learned dream queries per created image (64 in the paper)."""
+    query_init_std: float = 0.02
+    """Std of the normal init of the dream queries."""
+    stage_losses: dict[str, LossWeights] = field(default_factory=_default_stage_losses)
+    """Loss weights per training stage."""
+    condition_dropout: float = 0.1
+    """Probability of replacing an image's condition by the unconditional one in training (for guidance)."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM and UNet activations in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_dream_queries >= 1, "num_dream_queries must be >= 1")
+        _check(0.0 <= self.condition_dropout < 1.0, "condition_dropout must be in [0, 1)")
+        unknown = sorted(set(self.stage_losses) - set(STAGES))
+        _check(not unknown, f"unknown stage(s) {unknown} in stage_losses; valid stages: {', '.join(STAGES)}")
+        self.stage_losses = {**_default_stage_losses(), **self.stage_losses}
+        min_len = 2 + self.num_dream_queries + 2 + self.vision.num_tokens + 4
+        _check(self.llm.context_length >= min_len,
+               f"llm.context_length {self.llm.context_length} cannot hold one image (needs >= {min_len})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DreamLLMConfig":
+        """Inverse of `to_dict`; unknown keys raise ValueError naming the valid ones."""
+        return from_dict(cls, d)
+
+
+def from_dict(cls: type, d: Any, where: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys raise ValueError listing the valid ones.
+
+    Nested dataclass fields and `dict[str, <dataclass>]` fields are built
+    recursively; missing keys keep their defaults.
+    """
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ValueError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                         f"valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in d.items():
+        hint = hints[k]
+        if dataclasses.is_dataclass(hint):
+            kwargs[k] = from_dict(hint, v, f"{where}{k}.")
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]) and isinstance(v, dict):
+            sub = typing.get_args(hint)[1]
+            kwargs[k] = {name: from_dict(sub, w, f"{where}{k}.{name}.") for name, w in v.items()}
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a scalar where a section was expected
+        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- flavors
+
+def _debug() -> DreamLLMConfig:
+    """Unit tests: 2-layer width-64 LLM, 32 px CLIP and SD, 4 dream queries; seconds on a CPU."""
+    return DreamLLMConfig(flavor="debug")
+
+
+def _small() -> DreamLLMConfig:
+    """The CPU demo: large enough to learn the bundled coloured-shapes task in minutes on 2 cores."""
+    return DreamLLMConfig(
+        flavor="small",
+        llm=LLMConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688, context_length=512),
+        vision=VisionConfig(image_size=64, patch_size=16, hidden_size=128, num_layers=3, num_heads=4),
+        diffusion=DiffusionConfig(resolution=64, cross_attention_dim=128, unet_channels=(64, 128),
+                                  vae_channels=(32, 64, 64)),
+        tokenizer=TokenizerConfig(vocab_size=1024),
+        num_dream_queries=8,
+    )
+
+
+def _7b() -> DreamLLMConfig:
+    """The paper's model: Vicuna-7B v1.1, CLIP ViT-L/14 at 224 px, SD 2.1-base, 64 queries."""
+    return DreamLLMConfig(
+        flavor="7b",
+        llm=LLMConfig(name_or_path="lmsys/vicuna-7b-v1.1", hidden_size=4096, num_layers=32, num_heads=32,
+                      intermediate_size=11008, context_length=2048),
+        vision=VisionConfig(name_or_path="openai/clip-vit-large-patch14", image_size=224, patch_size=14,
+                            hidden_size=1024, num_layers=24, num_heads=16, select_layer=-2),
+        diffusion=DiffusionConfig(name_or_path="stabilityai/stable-diffusion-2-1-base", resolution=512,
+                                  cross_attention_dim=1024, vae_channels=(128, 256, 512, 512)),
+        tokenizer=TokenizerConfig(name_or_path="lmsys/vicuna-7b-v1.1"),
+        num_dream_queries=64,
+        gradient_checkpointing=True,
+    )
+
+
+FLAVORS = {"debug": _debug, "small": _small, "7b": _7b}
+
+
+def get_flavor(name: str) -> DreamLLMConfig:
+    """A fresh config of the named flavor ('debug', 'small' or '7b')."""
+    if name not in FLAVORS:
+        raise ValueError(f"unknown flavor {name!r}; valid flavors: {', '.join(FLAVORS)}")
+    return FLAVORS[name]()

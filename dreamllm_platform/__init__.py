@@ -1,0 +1,1 @@
+"""The Ray layer of DreamLLM: config, storage, data pipelines, training, tracking, serving."""
