@@ -22,7 +22,7 @@ from .config import DiffusionConfig, LLMConfig, VisionConfig
 
 # Stable Diffusion 2.1's noise schedule; random-init decoders use it too.
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                   set_alpha_to_one=False, steps_offset=1)
+                   steps_offset=1)
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int) -> PreTrainedModel:
     `vocab_size` is the base tokenizer's size (DreamLLM's added tokens live outside the LLM).
     """
     if cfg.name_or_path:
-        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=torch.float32)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
                          intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.context_length,
@@ -105,7 +105,7 @@ def build_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 
 SAMPLERS = {
-    "ddim": lambda conf: DDIMScheduler.from_config(conf),
+    "ddim": lambda conf: DDIMScheduler.from_config(conf, set_alpha_to_one=False),
     "dpm++": lambda conf: DPMSolverMultistepScheduler.from_config(conf, algorithm_type="dpmsolver++"),
 }
 

@@ -1,0 +1,48 @@
+"""Ray runtime: connect to a cluster or start a local Ray, once per process.
+
+Owns: `init_ray()` (the single `ray.init` call of jobs and tests) and
+`cluster_resources()`, which pipelines use to size actor pools so that read
+tasks are never starved (ENVIRONMENT.md: the 2-CPU actor-pool hang).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def init_ray(num_cpus: int | None = None, **kwargs) -> None:
+    """Connect to the cluster named by RAY_ADDRESS (set by `ray job submit` and on cluster nodes),
+    else start a local Ray with `num_cpus` logical CPUs (default: all cores). Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Token auth would make a later `ray start`/`ray job submit` fail (ENVIRONMENT.md).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **kwargs)
+        return
+    # A local Ray's workers inherit the environment: put the repo on their import path
+    # so that jobs run as `python jobs/x.py` (no editable install) can ship functions.
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(REPO_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in paths if p])
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the connected cluster offers (logical units, as Ray schedules them)."""
+
+    cpus: float
+    gpus: float
+
+
+def cluster_resources() -> Resources:
+    import ray
+
+    r = ray.cluster_resources()
+    return Resources(cpus=float(r.get("CPU", 0.0)), gpus=float(r.get("GPU", 0.0)))

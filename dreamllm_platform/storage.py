@@ -1,0 +1,191 @@
+"""Storage URIs: the one place that turns `s3://`, `file://` and local paths into filesystems.
+
+Owns: parsing a URI into (filesystem, path) for fsspec (s3fs / local), for
+pyarrow and Ray Data (`filesystem=` argument), small whole-object reads and
+writes (atomic on local disks), listing, and downloading a remote directory to
+a local cache (model loading resolves `s3://` checkpoints through it).
+Nothing else in the project opens object storage by hand.
+
+S3 settings come from the standard AWS environment (`AWS_ENDPOINT_URL` or
+`AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_REGION`) unless a `StorageConfig` overrides them. Filesystem objects are
+never created at import time.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+@dataclass
+class StorageConfig:
+    """Object-storage connection settings; empty fields fall back to the AWS environment variables."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint, e.g. http://127.0.0.1:5000 for MinIO/moto (default: AWS_ENDPOINT_URL[_S3] or AWS)."""
+    region: str | None = None
+    """S3 region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1)."""
+    anonymous: bool = False
+    """Unsigned requests (public buckets)."""
+
+
+_DEFAULT = StorageConfig()
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-storage URIs (s3://), False for local paths and file://."""
+    return urlparse(str(uri)).scheme in ("s3", "s3a")
+
+
+def _local_path(uri: str) -> str:
+    uri = str(uri)
+    if uri.startswith("file://"):
+        return urlparse(uri).path
+    return str(Path(uri).expanduser().resolve())
+
+
+def _s3_settings(cfg: StorageConfig) -> tuple[str | None, str]:
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint, region
+
+
+def _check_scheme(uri: str) -> None:
+    scheme = urlparse(str(uri)).scheme
+    if scheme not in ("", "file", "s3", "s3a") and not (len(scheme) == 1 and os.name == "nt"):
+        raise ValueError(f"unsupported storage URI {uri!r}: expected s3://bucket/prefix, file:///path or a local path")
+
+
+def fsspec_fs(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path inside it) for `uri`; the path has no scheme."""
+    _check_scheme(uri)
+    cfg = cfg or _DEFAULT
+    if not is_remote(uri):
+        return fsspec.filesystem("file"), _local_path(uri)
+    import s3fs  # lazy: local runs never need it
+
+    endpoint, region = _s3_settings(cfg)
+    # Listing caches are off: several processes write the same prefix (tasks,
+    # the driver, re-runs) and a stale listing would hide committed shards.
+    fs = s3fs.S3FileSystem(anon=cfg.anonymous, use_listings_cache=False,
+                           client_kwargs={"endpoint_url": endpoint, "region_name": region})
+    p = urlparse(str(uri))
+    return fs, f"{p.netloc}{p.path}".rstrip("/")
+
+
+def arrow_fs(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for `uri`: pass both to pyarrow or Ray Data's `filesystem=`."""
+    _check_scheme(uri)
+    cfg = cfg or _DEFAULT
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), _local_path(uri)
+    endpoint, region = _s3_settings(cfg)
+    kwargs: dict = {"region": region, "anonymous": cfg.anonymous}
+    if endpoint:
+        e = urlparse(endpoint)
+        kwargs.update(endpoint_override=e.netloc or e.path, scheme=e.scheme or "https")
+    p = urlparse(str(uri))
+    return pafs.S3FileSystem(**kwargs), f"{p.netloc}{p.path}".rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (keeps the scheme)."""
+    out = str(uri).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def basename(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    """Back from an fsspec path to a URI of the same kind as `like` (s3:// or local)."""
+    return f"s3://{path}" if is_remote(like) else path
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    fs, path = fsspec_fs(uri, cfg)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    """The whole object; raises FileNotFoundError naming the URI when it is missing."""
+    fs, path = fsspec_fs(uri, cfg)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {uri}") from None
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    """Write a whole object. Local files go through a temp file + rename so that a
+    killed process never leaves a half-written file; an S3 PUT is atomic already."""
+    fs, path = fsspec_fs(uri, cfg)
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+
+
+def remove(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Delete a file or a directory tree; missing is fine."""
+    fs, path = fsspec_fs(uri, cfg)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] = (), cfg: StorageConfig | None = None) -> list[str]:
+    """Sorted URIs of the files under a directory (recursive) whose names end with one of `suffixes`.
+
+    A `uri` that is itself a file is returned alone; a missing directory gives [].
+    """
+    fs, path = fsspec_fs(uri, cfg)
+    if fs.isfile(path):
+        return [uri]
+    if not fs.exists(path):
+        return []
+    found = sorted(p for p in fs.find(path) if not suffixes or p.endswith(suffixes))
+    return [to_uri(fs, p, uri) for p in found]
+
+
+def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = None) -> Path:
+    """A local directory holding the tree at `uri`: local URIs are returned as is; remote ones are
+    copied under `cache_dir/<bucket>/<prefix>` once (a `.complete` marker makes re-use safe after a
+    crash mid-download)."""
+    if not is_remote(uri):
+        local = Path(_local_path(uri))
+        if not local.is_dir():
+            raise FileNotFoundError(f"not a directory: {uri}")
+        return local
+    fs, path = fsspec_fs(uri, cfg)
+    target = Path(cache_dir) / path
+    if (target / ".complete").exists():
+        return target
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"not a directory: {uri}")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for remote in fs.find(path):
+        local = tmp / Path(remote).relative_to(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(local))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    (target / ".complete").touch()
+    return target
