@@ -114,7 +114,11 @@ def build_sampler(train_scheduler: DDPMScheduler, name: str):
     """A sampling scheduler ('ddim' or 'dpm++') sharing the training noise schedule."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](train_scheduler.config)
+    # A scheduler loaded from disk marks some keys as "defaults", which from_config
+    # then drops in favour of the *sampler's* defaults (e.g. timestep_spacing):
+    # pass every value explicitly so a reloaded model samples exactly as before.
+    conf = {k: v for k, v in train_scheduler.config.items() if k != "_use_default_values"}
+    return SAMPLERS[name](conf)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 
-@dataclass
+@dataclass(frozen=True)
 class StorageConfig:
     """Object-storage connection settings; empty fields fall back to the AWS environment variables."""
 

@@ -1,0 +1,224 @@
+"""Typed configs of the data layer: sources, filters, the encoder pool, the synthetic set, assembly.
+
+Owns: the dataclasses `jobs/precompute_latents.py` loads with
+`dreamllm_platform.config.load_config` (YAML + `--set`), one docstring per
+field, checks in `__post_init__`, and the hash of the settings that change a
+shard's output (the manifest compares it to decide what to redo).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from dreamllm.config import get_flavor
+
+from ..storage import StorageConfig, is_remote, join
+
+FORMATS = ("mmc4", "webdataset", "laion_parquet", "llava", "instruct_doc")
+"""Source formats: MMC4 v1.1 docs shards; img2dataset webdataset tars; parquet with image bytes +
+caption; LLaVA conversation JSON; instruction-following document JSON."""
+
+SHARD_SUFFIXES = {
+    "mmc4": (".jsonl.zip", ".jsonl"),
+    "webdataset": (".tar",),
+    "laion_parquet": (".parquet",),
+    "llava": (".json",),
+    "instruct_doc": (".json",),
+}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class SourceConfig:
+    """One input data set: where its shards are and how to read them."""
+
+    format: str = "mmc4"
+    """One of mmc4, webdataset, laion_parquet, llava, instruct_doc."""
+    uri: str = ""
+    """Shard file or directory (searched recursively for the format's suffixes); relative = under data_root."""
+    images: str | None = None
+    """mmc4/llava/instruct_doc: folder of images, or folder of tar shards of files named by image_name."""
+    enabled: bool = True
+    """Set false to skip this source."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in FORMATS, f"source format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        _check(bool(self.uri), "source uri must be set")
+
+
+@dataclass
+class FilterConfig:
+    """What a record or image must satisfy to be kept; every drop is counted by reason."""
+
+    min_matched_sim: float = 0.25
+    """MMC4 image kept only if its CLIP matched_sim >= this (the paper's MMC4-core rule)."""
+    drop_url_duplicates: bool = False
+    """Drop MMC4 documents flagged could_have_url_duplicate."""
+    min_image_side: int = 32
+    """Images with a shorter side (pixels) are dropped."""
+    max_aspect_ratio: float = 3.0
+    """Images with long side / short side above this are dropped."""
+    max_image_pixels: int = 50_000_000
+    """Images declaring more pixels are dropped before decoding (decompression bombs)."""
+    max_images_per_doc: int = 6
+    """Images of a document beyond this many are dropped (a 2048-token 7b sequence holds about six)."""
+    min_images_per_doc: int = 1
+    """Documents left with fewer images are dropped."""
+    dedupe_images: bool = True
+    """Within a shard, drop pairs whose image (sha256) was seen before and repeated images inside a document."""
+    download_missing: bool = False
+    """MMC4: fetch images missing from the images location from raw_url (off: MMC4 images are not redistributed)."""
+    download_timeout_s: float = 10.0
+    """Timeout of one download attempt."""
+    download_retries: int = 2
+    """Extra attempts after a failed download."""
+    sample_keys: int = 5
+    """Offending keys kept per drop reason in the report."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.min_matched_sim <= 1.0, "filters.min_matched_sim must be in [0, 1]")
+        _check(self.min_image_side >= 1, "filters.min_image_side must be >= 1")
+        _check(self.max_aspect_ratio >= 1.0, "filters.max_aspect_ratio must be >= 1")
+        _check(self.max_image_pixels > 0, "filters.max_image_pixels must be > 0")
+        _check(self.max_images_per_doc >= 1, "filters.max_images_per_doc must be >= 1")
+        _check(0 <= self.min_images_per_doc <= self.max_images_per_doc,
+               "filters.min_images_per_doc must be in [0, max_images_per_doc]")
+
+
+@dataclass
+class EncoderConfig:
+    """The VAE actor pool and the CPU tasks around it; 0 means derived from the cluster's resources."""
+
+    batch_size: int = 16
+    """Images per VAE forward; partial batches are zero-padded so results never depend on batching."""
+    pool_size: int = 0
+    """VAE actors: 0 = one per GPU, or on CPU clusters a quarter of the CPUs (at least 1)."""
+    cpus_per_actor: float = 0.0
+    """CPUs reserved per actor: 0 = derived so that at least half the CPUs stay free for reading."""
+    read_cpus: float = 1.0
+    """CPUs per read/decode task."""
+    autocast: str = "bf16"
+    """GPU autocast dtype: bf16, fp16 or none (CPU always runs fp32)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "encoder.batch_size must be >= 1")
+        _check(self.pool_size >= 0 and self.cpus_per_actor >= 0, "encoder.pool_size and cpus_per_actor must be >= 0")
+        _check(0 < self.read_cpus <= 64, "encoder.read_cpus must be in (0, 64]")
+        _check(self.autocast in ("bf16", "fp16", "none"), "encoder.autocast must be bf16, fp16 or none")
+
+
+@dataclass
+class SyntheticConfig:
+    """The bundled learnable data set (coloured shapes), written in the real formats."""
+
+    enabled: bool = True
+    """Write the synthetic set into data_root first when it is not there yet."""
+    image_size: int = 64
+    """Side of the generated images in pixels."""
+    mmc4_shards: int = 2
+    """MMC4 .jsonl.zip shards (each with an image tar)."""
+    docs_per_shard: int = 8
+    """Documents per MMC4 shard."""
+    scenes_per_doc: int = 3
+    """Scenes (sentence + image) per document."""
+    webdataset_shards: int = 2
+    """img2dataset webdataset tar shards (each with its .parquet)."""
+    parquet_shards: int = 1
+    """Parquet shards with image bytes + caption."""
+    pairs_per_shard: int = 16
+    """Image-caption pairs per pair shard."""
+    conversations: int = 16
+    """LLaVA conversations (Q/A about colour, shape and position)."""
+    instruct_docs: int = 4
+    """Instruction-following documents."""
+    seed: int = 0
+    """Seed of the generator: the same seed writes the same bytes."""
+    defects: bool = False
+    """Also write one of each kind of bad input (tests of the filters)."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 16, "synthetic.image_size must be >= 16")
+        _check(min(self.mmc4_shards, self.docs_per_shard, self.scenes_per_doc, self.webdataset_shards,
+                   self.parquet_shards, self.pairs_per_shard, self.conversations, self.instruct_docs) >= 0,
+               "synthetic counts must be >= 0")
+
+
+def default_sources() -> dict[str, SourceConfig]:
+    """The synthetic set's layout (relative to data_root)."""
+    return {
+        "mmc4": SourceConfig("mmc4", "mmc4", "mmc4/images"),
+        "laion": SourceConfig("webdataset", "laion"),
+        "laion_parquet": SourceConfig("laion_parquet", "laion_parquet"),
+        "llava": SourceConfig("llava", "llava", "llava/images"),
+        "instruct": SourceConfig("instruct_doc", "instruct", "instruct/images"),
+    }
+
+
+@dataclass
+class PrecomputeConfig:
+    """The latent-precompute job: sources -> filters -> VAE pool -> latent store."""
+
+    flavor: str = "small"
+    """Model flavor whose VAE (and CLIP input size) the latents are for: debug, small or 7b."""
+    data_root: str = "outputs/synthetic"
+    """Base URI of relative source URIs (s3://bucket/prefix or a local dir)."""
+    sources: dict[str, SourceConfig] = field(default_factory=default_sources)
+    """Named input data sets; the name prefixes shard ids in the store."""
+    output: str = "outputs/latent_store"
+    """URI of the latent store (parquet shards + manifest + report)."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Record and image filters."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """VAE actor pool sizing."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The synthetic set written into data_root when missing."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint/region (default: the AWS environment variables)."""
+    ray_num_cpus: int | None = None
+    """Logical CPUs of a local Ray started by the job (default: all cores); ignored on a cluster."""
+
+    def __post_init__(self) -> None:
+        get_flavor(self.flavor)  # raises with the valid names
+        _check(bool(self.sources), "at least one source is needed")
+        _check(all("/" not in n for n in self.sources), "source names must not contain '/'")
+
+    def source_uri(self, uri: str | None) -> str | None:
+        """A source URI resolved against data_root (absolute paths and s3:// stay as they are)."""
+        if uri is None or is_remote(uri) or uri.startswith(("/", "file://")):
+            return uri
+        return join(self.data_root, uri)
+
+    def shard_config_hash(self, source: SourceConfig) -> str:
+        """Hash of everything that changes a shard's output: format, images location, filters, VAE, CLIP size."""
+        model = get_flavor(self.flavor)
+        relevant = {"format": source.format, "images": self.source_uri(source.images),
+                    "filters": {k: v for k, v in dataclasses.asdict(self.filters).items() if k != "sample_keys"},
+                    "vae": dataclasses.asdict(model.diffusion), "clip_size": model.vision.image_size}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class AssemblyConfig:
+    """Which records of a latent store become training examples, and how."""
+
+    record_types: tuple[str, ...] = ("document", "pair", "conversation")
+    """Record types to use: document (MMC4), pair (LAION), conversation (LLaVA and instruction docs)."""
+    sources: tuple[str, ...] = ()
+    """Source names to use (empty: all in the store)."""
+    pair_tasks: tuple[str, ...] = ("comprehension", "creation")
+    """Each pair gives one example per task: image->caption and/or caption->dream slot."""
+    learn_creation_text: bool = True
+    """False masks the caption of creation pairs (stage I: creation pairs carry only the diffusion loss)."""
+
+    def __post_init__(self) -> None:
+        self.record_types, self.sources, self.pair_tasks = tuple(self.record_types), tuple(self.sources), tuple(self.pair_tasks)
+        bad = set(self.record_types) - {"document", "pair", "conversation"}
+        _check(not bad, f"unknown record type(s) {sorted(bad)}; valid: document, pair, conversation")
+        bad = set(self.pair_tasks) - {"comprehension", "creation"}
+        _check(not bad, f"unknown pair task(s) {sorted(bad)}; valid: comprehension, creation")
