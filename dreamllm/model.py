@@ -68,8 +68,7 @@ class DreamLLM(nn.Module):
         self.stage = "igpt"
         self.set_stage("igpt")
         if cfg.gradient_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.unet.enable_gradient_checkpointing()
+            self.set_gradient_checkpointing(True)
 
     @classmethod
     def from_config(cls, cfg: DreamLLMConfig, tokenizer=None) -> "DreamLLM":
@@ -90,6 +89,17 @@ class DreamLLM(nn.Module):
         for name in TRAINABLE[stage]:
             getattr(self, name).requires_grad_(True)
         return self.train(self.training)
+
+    def set_gradient_checkpointing(self, on: bool) -> "DreamLLM":
+        """Recompute LLM and UNet activations in backward (less memory, ~30% more compute)."""
+        was_on, self.cfg.gradient_checkpointing = self.cfg.gradient_checkpointing, on
+        if on:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.unet.enable_gradient_checkpointing()
+        elif was_on:
+            self.llm.gradient_checkpointing_disable()
+            self.unet.disable_gradient_checkpointing()
+        return self
 
     def train(self, mode: bool = True) -> "DreamLLM":
         super().train(mode)

@@ -8,6 +8,7 @@ they configure; unknown keys are rejected with the valid ones listed
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -30,11 +31,32 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {key}: {p!r} is a value, not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = parse_value(raw)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """`cls` from an optional YAML file plus overrides; missing keys keep the embedded defaults."""
+def parse_value(raw: str) -> Any:
+    """A --set value as YAML, plus `3e-3`-style floats that YAML 1.1 leaves as strings."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a new dict; neither input changes)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> T:
+    """`cls` from `base` (e.g. a stage's defaults), then a YAML file, then overrides; missing keys keep
+    the dataclass defaults."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -44,6 +66,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+    tree = deep_merge(copy.deepcopy(base or {}), tree)
     for o in overrides:
         apply_override(tree, o)
     return from_dict(cls, tree)
@@ -56,12 +79,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_job_args(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
+def parse_job_args(cls: type[T], argv: Sequence[str] | None, description: str,
+                   base: dict[str, Any] | None = None) -> T:
     """Parse `--config FILE --set k=v ...` into `cls`; a bad config exits with a one-line reason."""
     parser = add_config_args(argparse.ArgumentParser(description=description))
     args = parser.parse_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides)
+        return load_config(cls, args.config, args.overrides, base)
     except ValueError as e:
         parser.exit(2, f"config error: {e}\n")
 

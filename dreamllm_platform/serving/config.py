@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-URI_SCHEMES = ("", "file", "s3", "s3a")
-"""Model reference schemes accepted today (a local path has no scheme)."""
+from dreamllm_platform.tracking import TrackingConfig
+
+URI_SCHEMES = ("", "file", "s3", "s3a", "models")
+"""Model reference schemes (a local path has none; models:/ is resolved in the MLflow registry)."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -26,15 +28,15 @@ class ModelConfig:
     """Which checkpoint the model deployment loads, and how its replicas are placed and scaled."""
 
     uri: str = ""
-    """DreamLLM checkpoint: a local directory, file:///dir or s3://bucket/prefix (models:/ comes with the registry)."""
+    """The model: a checkpoint directory, file:///dir, s3://bucket/prefix, or models:/NAME@ALIAS in the registry."""
     name: str = "dreamllm"
     """Model id served in /v1/models and expected in requests' `model` field."""
     cache_dir: str = ""
     """Local directory where remote (s3://) checkpoints are downloaded once per node ('' = <tmp>/dreamllm-checkpoints)."""
     dtype: str = "auto"
     """Weights dtype: 'auto' (bfloat16/float16 on GPU, float32 on CPU), 'float32', 'float16' or 'bfloat16'."""
-    use_gpu: str = "auto"
-    """'auto': one GPU per replica when the cluster has GPUs, else `num_cpus`; 'yes' or 'no' to force."""
+    use_gpu: bool | None = None
+    """One GPU per replica; None (auto) uses a GPU when the cluster has one, else only `num_cpus`."""
     num_cpus: float = 0.5
     """CPUs reserved per model replica (a fraction suits small machines; CPU inference uses all cores anyway)."""
     min_replicas: int = 1
@@ -48,13 +50,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.uri).scheme
-        _check(scheme != "models", f"model.uri {self.uri!r}: registry references (models:/NAME@ALIAS) are not "
-                                   "supported yet; give a checkpoint directory, file:// or s3:// URI")
         _check(scheme in URI_SCHEMES, f"model.uri {self.uri!r}: unsupported scheme {scheme!r}; expected a local "
-                                      "path, file:///dir or s3://bucket/prefix")
+                                      "path, file:///dir, s3://bucket/prefix or models:/NAME@ALIAS")
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
                f"model.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        _check(self.use_gpu in ("auto", "yes", "no"), f"model.use_gpu must be auto, yes or no, got {self.use_gpu!r}")
+        _check(self.use_gpu in (None, True, False), f"model.use_gpu must be true, false or null (auto), got {self.use_gpu!r}")
         _check(self.num_cpus > 0, "model.num_cpus must be > 0")
         _check(1 <= self.min_replicas <= self.max_replicas, "model replicas need 1 <= min_replicas <= max_replicas")
         _check(self.target_ongoing_requests > 0, "model.target_ongoing_requests must be > 0")
@@ -207,6 +207,8 @@ class ServeConfig:
     """Proxy address for local runs."""
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     """Sampling defaults."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """The MLflow registry that models:/ references are resolved in (by the model replicas, at load)."""
 
     def __post_init__(self) -> None:
         # serve.batch rejects a single item larger than its batch; keep every valid `n` schedulable.

@@ -1,0 +1,1 @@
+"""Staged DreamLLM training on Ray Train + DeepSpeed (align, I-GPT, SFT)."""

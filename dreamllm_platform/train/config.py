@@ -1,0 +1,203 @@
+"""The experiment config of a training stage: typed sections loaded from YAML with `--set` overrides.
+
+Owns: every knob of a training run (stage, model source, data mix, scaling,
+DeepSpeed, optimiser and schedule, checkpoints, tracking) with a docstring per
+field and checks in `__post_init__`, plus each stage's embedded defaults (the
+paper's learning rates and data). The typed object itself is passed to the
+Ray Train workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dreamllm.config import FLAVORS, STAGES
+
+from ..data.config import AssemblyConfig
+from ..storage import StorageConfig
+from ..tracking import TrackingConfig
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelSpec:
+    """Which model the stage trains."""
+
+    flavor: str = "small"
+    """Flavor built when `init_from` is empty: debug, small or 7b."""
+    init_from: str | None = None
+    """The previous stage's export: a checkpoint URI (local, file://, s3://) or models:/NAME@ALIAS."""
+    gradient_checkpointing: bool | None = None
+    """Override the flavor's gradient checkpointing switch (None keeps it)."""
+    condition_dropout: float | None = None
+    """Override the condition dropout for guidance (None keeps the model's)."""
+
+    def __post_init__(self) -> None:
+        _check(self.flavor in FLAVORS, f"model.flavor must be one of {', '.join(FLAVORS)}, got {self.flavor!r}")
+
+
+@dataclass
+class DataSpec:
+    """Where examples come from and how they are batched."""
+
+    store: str = "outputs/latent_store"
+    """URI of the latent store written by jobs/precompute_latents.py."""
+    mix: dict[str, float] = field(default_factory=lambda: {"mmc4": 1.0, "laion": 1.0})
+    """Source name -> sampling weight of the source's examples in each micro-batch draw."""
+    assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
+    """Which record types and pair tasks become examples."""
+    micro_batch_size: int = 8
+    """Examples per micro-batch per worker (packed into rows of the context length)."""
+    pack: bool = True
+    """Pack several examples into each row (attention stays inside each example)."""
+    shuffle_buffer: int = 64
+    """Examples in each worker's local shuffle buffer (0 disables)."""
+    prepare: bool = True
+    """Run the latent precompute first when the store is missing (embedded defaults)."""
+    precompute_config: str | None = None
+    """YAML of the precompute job used when `prepare` runs it (default: its embedded defaults)."""
+    data_cpus: float = 0.5
+    """CPUs per Ray Data assembly task; the trainer leaves at least this much free."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.mix) and all(w > 0 for w in self.mix.values()),
+               "data.mix needs at least one source with a positive weight")
+        _check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
+
+
+@dataclass
+class ScalingSpec:
+    """How many workers and what each gets."""
+
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool | None = None
+    """One GPU per worker; None: use GPUs when the cluster has them."""
+    cpus_per_worker: float | None = None
+    """CPUs per worker; None: on a CPU cluster, share what Ray Data's tasks leave free."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers must be >= 1")
+
+
+@dataclass
+class DeepSpeedSpec:
+    """The DeepSpeed engine."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 2 (optimizer state + gradients sharded, default) or 3 (parameters too)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer states to CPU memory."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
+        _check(self.precision in ("auto", "bf16", "fp32"), "deepspeed.precision must be auto, bf16 or fp32")
+        _check(self.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps must be >= 1")
+
+
+@dataclass
+class OptimSpec:
+    """AdamW and its schedule."""
+
+    lr: float = 2e-5
+    """Peak learning rate (the paper: stage I 2e-3, II 2e-5, SFT 4e-5)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases, norms, queries and added-token rows)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps with linear warm-up."""
+    schedule: str = "cosine"
+    """'cosine' decay to `min_lr_ratio` * lr, or 'constant' after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule relative to `lr`."""
+    max_steps: int = 200
+    """Optimizer steps of the stage."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _check(self.lr > 0, "optim.lr must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
+        _check(self.schedule in ("cosine", "constant"), "optim.schedule must be cosine or constant")
+        _check(self.max_steps >= 1, "optim.max_steps must be >= 1")
+
+
+@dataclass
+class CheckpointSpec:
+    """Checkpoints for fault tolerance and the stage's export."""
+
+    storage_path: str = "outputs/ray_results"
+    """RunConfig.storage_path: a local dir or s3:// (multi-node runs need shared storage)."""
+    every_n_steps: int = 50
+    """Steps between DeepSpeed checkpoints (and one at the end)."""
+    num_to_keep: int = 2
+    """Checkpoints kept in storage."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    export_uri: str | None = None
+    """Where the stage's inference checkpoint goes; default <storage_path>/<run_name>/export."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 1, "checkpoint.every_n_steps must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage."""
+
+    stage: str = "igpt"
+    """align (I), igpt (II) or sft (III)."""
+    run_name: str | None = None
+    """Ray run name; submitting the same name again resumes it. Default: dreamllm-<stage>-<flavor>."""
+    seed: int = 0
+    """Seed of model init, data order and sampling."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The model."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """The data."""
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    """Workers."""
+    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
+    """The DeepSpeed engine."""
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    """Optimiser and schedule."""
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    """Checkpoints."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint/region (default: the AWS environment)."""
+    log_every: int = 10
+    """Steps between progress lines and logged metrics."""
+    sample_every: int = 0
+    """Steps between logged sample images (0: only at the end)."""
+    sample_prompts: tuple[str, ...] = ("A red circle on a blue background.", "A yellow star on a green background.")
+    """Prompts of the logged sample images."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        self.sample_prompts = tuple(self.sample_prompts)
+        if self.run_name is None:
+            self.run_name = f"dreamllm-{self.stage}-{self.model.flavor}"
+        _check(self.log_every >= 1, "log_every must be >= 1")
+
+
+# Each stage's embedded defaults (the paper, Sec. 3.2); YAML and --set go on top.
+STAGE_DEFAULTS: dict[str, dict] = {
+    "align": {"stage": "align", "optim": {"lr": 2e-3},
+              "data": {"mix": {"laion": 1.0},
+                       "assembly": {"record_types": ["pair"], "learn_creation_text": False}}},
+    "igpt": {"stage": "igpt", "optim": {"lr": 2e-5}, "model": {"init_from": None},
+             "data": {"mix": {"mmc4": 1.0, "laion": 1.0}, "assembly": {"record_types": ["document", "pair"]}}},
+    "sft": {"stage": "sft", "optim": {"lr": 4e-5},
+            "data": {"mix": {"llava": 1.0, "instruct": 1.0}, "assembly": {"record_types": ["conversation"]}}},
+}

@@ -1,0 +1,287 @@
+"""The training loop that runs on every Ray Train worker, for all three stages.
+
+Owns: building the model and its DeepSpeed engine (a plain torch AdamW passed
+in, so nothing is compiled on CPU), drawing micro-batches from the mixed data
+sources, the optimizer steps, metrics (aggregated over ranks, logged by rank
+0), DeepSpeed checkpoints through `ray.train.report` and resuming from them,
+sample images, and the stage's export. The model maths is `dreamllm`'s.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dreamllm.config import get_flavor
+from dreamllm.generation import ImageSampling, text_to_image
+from dreamllm.model import OWN_PARAMS, DreamLLM
+
+from .. import storage
+from ..checkpoints import export_checkpoint, load_model
+from ..data.assembly import ExampleCollator
+from ..tracking import CHECKPOINT_URI_TAG, RunLogger
+from .config import TrainConfig
+
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+NO_DECAY = ("bias", "norm", "dream_queries", "new_token_embed", "new_token_head")
+
+
+def build_model(cfg: TrainConfig) -> DreamLLM:
+    """The stage's starting model (previous export or a fresh flavor) with the stage's freeze policy."""
+    m = cfg.model
+    model = load_model(m.init_from, tracking=cfg.tracking) if m.init_from else \
+        DreamLLM.from_config(get_flavor(m.flavor))
+    if m.condition_dropout is not None:
+        model.cfg.condition_dropout = m.condition_dropout
+    if m.gradient_checkpointing is not None:
+        model.set_gradient_checkpointing(m.gradient_checkpointing)
+    return model.set_stage(cfg.stage).train()
+
+
+def param_groups(model: DreamLLM, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+    warm = max(1, int(o.warmup_ratio * o.max_steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, o.max_steps - warm))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
+    d = cfg.deepspeed
+    bf16 = d.precision == "bf16" or (d.precision == "auto" and on_gpu)
+    zero: dict = {"stage": d.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": d.gradient_accumulation_steps,
+        "gradient_clipping": d.gradient_clipping,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        # A torch optimizer instead of DeepSpeed's fused ones: nothing to compile on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class MixedBatches:
+    """Endless micro-batches: each draw picks a source by its weight, then that source's next batch.
+
+    Each source is this worker's shard of a Ray Dataset; when one is used up
+    it starts its next epoch. The draw must be the same on every rank: Ray
+    Data's streaming split feeds all ranks of a dataset in lockstep, so a rank
+    reading another source than its peers would stall them.
+    """
+
+    def __init__(self, shards: dict, weights: dict[str, float], collate, batch_size: int, shuffle: int, seed: int):
+        self.shards, self.collate, self.batch_size, self.shuffle = shards, collate, batch_size, shuffle
+        self.names = list(weights)
+        self.weights = [weights[n] for n in self.names]
+        self.rng = random.Random(seed)
+        self.iters: dict = {}
+        self.epoch = {n: 0 for n in self.names}
+
+    def _new_iter(self, name: str):
+        self.epoch[name] += 1
+        return iter(self.shards[name].iter_torch_batches(
+            batch_size=self.batch_size, collate_fn=self.collate, drop_last=False,
+            local_shuffle_buffer_size=self.shuffle or None, local_shuffle_seed=self.rng.randrange(2**31)))
+
+    def __next__(self) -> dict:
+        name = self.rng.choices(self.names, self.weights)[0]
+        for attempt in range(2):
+            if name not in self.iters:
+                self.iters[name] = self._new_iter(name)
+            try:
+                return next(self.iters[name])
+            except StopIteration:
+                del self.iters[name]
+        raise ValueError(f"data source {name!r} gave this worker no examples (too few shards for the workers?)")
+
+
+def _reduce(values: dict[str, float], world: int, op: str = "sum") -> dict[str, float]:
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    if op == "mean":
+        t /= world
+    return dict(zip(values, t.tolist()))
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point; `config` = {"cfg": TrainConfig, "run_id": str, "fail_at_step": int | None}."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # identical init everywhere; data order differs per rank below
+
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, on_gpu), dist_init_required=False)
+
+    step, seen = 0, {"samples": 0.0, "tokens": 0.0, "images": 0.0}
+    resumed_from = ray.train.get_checkpoint()
+    if resumed_from:
+        with resumed_from.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        step, seen = state["step"], state["seen"]
+    log = RunLogger(cfg.tracking, config["run_id"]) if rank == 0 else None
+    if rank == 0 and resumed_from:
+        log.metrics({"resumed_from_step": step}, step)  # shows restarts in the run's history
+    if rank == 0:
+        print(f"[train] stage={cfg.stage} workers={world} device={device.type} start_step={step} "
+              f"max_steps={cfg.optim.max_steps} trainable={sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
+              flush=True)
+
+    batches = MixedBatches({n: ray.train.get_dataset_shard(n) for n in cfg.data.mix}, cfg.data.mix,
+                           _collator(cfg, model), cfg.data.micro_batch_size, cfg.data.shuffle_buffer,
+                           seed=cfg.seed * 1000 + step)  # same on every rank (see MixedBatches)
+    ga = cfg.deepspeed.gradient_accumulation_steps
+    t_last, window = time.perf_counter(), {"tokens": 0.0, "images": 0.0}
+    while step < cfg.optim.max_steps:
+        sums = {"loss": 0.0, "loss_lm": 0.0, "loss_diffusion": 0.0}
+        counts = {"samples": 0.0, "tokens": 0.0, "images": 0.0}
+        for _ in range(ga):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            sums["loss"] += out.loss.item() / ga
+            sums["loss_lm"] += out.loss_lm.item() / ga
+            sums["loss_diffusion"] += out.loss_diffusion.item() / ga
+            real = batch["input_ids"] != model.ids.pad
+            counts["samples"] += int(((batch["position_ids"] == 0) & real).sum())  # each example starts at 0
+            counts["tokens"] += int(real.sum())
+            counts["images"] += out.num_images_created
+        step += 1
+        _maybe_fail(config.get("fail_at_step"), step, rank, world, cfg)
+
+        sums = _reduce(sums, world, "mean")
+        counts = _reduce(counts, world)
+        for k in seen:
+            seen[k] += counts[k]
+        for k in window:
+            window[k] += counts[k]
+        last = step == cfg.optim.max_steps
+        if step % cfg.log_every == 0 or last:
+            dt = max(time.perf_counter() - t_last, 1e-9)
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {**sums, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / dt,
+                       "images_per_s": window["images"] / dt, "samples_seen": seen["samples"],
+                       "tokens_seen": seen["tokens"]}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            t_last, window = time.perf_counter(), {"tokens": 0.0, "images": 0.0}
+            if rank == 0:
+                print(f"[train] step {step}/{cfg.optim.max_steps} loss {sums['loss']:.4f} "
+                      f"(lm {sums['loss_lm']:.4f}, diffusion {sums['loss_diffusion']:.4f}) "
+                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s "
+                      f"{metrics['images_per_s']:.2f} img/s", flush=True)
+                log.metrics(metrics, step)
+        if cfg.sample_every and step % cfg.sample_every == 0 and not last:
+            _log_samples(engine, cfg, log, step, rank)
+        if step % cfg.checkpoint.every_n_steps == 0 or last:
+            _save_and_report(engine, step, seen, sums, rank, Checkpoint)
+
+    _log_samples(engine, cfg, log, step, rank)
+    export_uri = cfg.checkpoint.export_uri or storage.join(_run_dir(cfg), "export")
+    _export(engine, cfg, export_uri, config["run_id"], step, rank)
+    if rank == 0:
+        log.tags({CHECKPOINT_URI_TAG: export_uri, "dreamllm.stage": cfg.stage})
+        print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
+
+
+def _collator(cfg: TrainConfig, model: DreamLLM) -> ExampleCollator:
+    return ExampleCollator(model.cfg)  # TEMP: packing lands with the collator change
+
+
+def _run_dir(cfg: TrainConfig) -> str:
+    return storage.join(cfg.checkpoint.storage_path, cfg.run_name)
+
+
+def _save_and_report(engine, step, seen, metrics, rank, Checkpoint) -> None:
+    """Every rank writes its DeepSpeed shard; Ray merges them into one checkpoint in storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        if rank == 0:
+            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "seen": seen}))
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"step_{step:07d}")
+
+
+def _export(engine, cfg: TrainConfig, uri: str, run_id: str, step: int, rank: int) -> None:
+    """The consolidated inference checkpoint (what evaluation, the registry and serving load)."""
+    import deepspeed
+
+    model: DreamLLM = engine.module
+    params = list(model.parameters()) if cfg.deepspeed.zero_stage == 3 else []
+    # ZeRO-3 shards parameters: gather them (every rank takes part) before rank 0 writes.
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if rank == 0:
+            meta = {"mlflow_run_id": run_id, "ray_run_name": cfg.run_name, "stage": cfg.stage, "step": step,
+                    "init_from": cfg.model.init_from}
+            export_checkpoint(model, uri, metadata=meta)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _log_samples(engine, cfg: TrainConfig, log, step: int, rank: int) -> None:
+    """A few images from fixed prompts, logged as run artifacts (ZeRO-3 shards weights: skipped)."""
+    if rank != 0 or cfg.deepspeed.zero_stage == 3 or not cfg.tracking.sample_images:
+        return
+    model: DreamLLM = engine.module
+    prompts = list(cfg.sample_prompts)[:cfg.tracking.sample_images]
+    images = text_to_image(model, prompts, ImageSampling(num_inference_steps=10, seed=cfg.seed))
+    model.train()
+    for i, img in enumerate(images):
+        log.image(img, f"samples/step_{step:07d}_{i}.png")
+
+
+def _maybe_fail(fail_at_step: int | None, step: int, rank: int, world: int, cfg: TrainConfig) -> None:
+    """Fault injection for tests: the last rank dies once at `fail_at_step` (DREAMLLM_FAIL_AT_STEP)."""
+    if not fail_at_step or step != fail_at_step or rank != world - 1:
+        return
+    marker = storage.join(_run_dir(cfg), ".fault_injected")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, b"1")
+    print(f"[train] fault injection: rank {rank} dies at step {step}", flush=True)
+    # Ray Train's controller collects reported checkpoints every 2 s; a crash
+    # right after a report can lose it. Die a little later, like a real fault.
+    time.sleep(5)
+    os._exit(1)

@@ -1,0 +1,14 @@
+"""Stage I alignment: train the projectors and dream queries on image-text pairs (LLM frozen).
+
+    python jobs/align.py [--config configs/align.yaml] [--set optim.max_steps=50]
+    ray job submit --working-dir . -- python jobs/align.py --config configs/align_7b.yaml
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout or a Ray working dir
+
+from dreamllm_platform.train.job import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("align", doc=__doc__))

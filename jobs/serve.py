@@ -1,0 +1,51 @@
+"""Serve DreamLLM behind an OpenAI-compatible API with Ray Serve.
+
+    python jobs/serve.py --set model.uri=/path/to/checkpoint [--config configs/serve.yaml] [--set k=v ...]
+    ray job submit --working-dir . -- python jobs/serve.py --set model.uri=s3://bucket/ckpt --set http.host=0.0.0.0
+
+With a local Ray (no RAY_ADDRESS) the job keeps serving until Ctrl-C, since the
+local Ray ends with it; on a cluster it deploys and exits, and the application
+keeps running there (`serve status`, `serve shutdown` manage it).
+"""
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under --working-dir
+
+from dreamllm_platform.config import parse_job_args  # noqa: E402
+from dreamllm_platform.serving.config import ServeConfig  # noqa: E402
+
+
+def main(argv=None) -> int:
+    cfg = parse_job_args(ServeConfig, argv, "Serve DreamLLM with an OpenAI-compatible API")
+    from ray import serve
+
+    from dreamllm_platform.runtime import init_ray
+    from dreamllm_platform.serving.app import build_app, check_model_ref
+
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    try:
+        check_model_ref(cfg)  # before starting Ray: a wrong path fails in a second, not after start-up
+        init_ray()
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    except Exception as e:  # a bad checkpoint or a replica that cannot start: one line, non-zero exit
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"serve: failed: {reason} (details in the Serve logs)", file=sys.stderr)
+        return 1
+    print(f"serving {cfg.model.uri} as '{cfg.model.name}' at http://{cfg.http.host}:{cfg.http.port}/v1 "
+          f"(app '{cfg.app_name}')", flush=True)
+    if not on_cluster:  # the local Ray (and the API) live as long as this process: serve until stopped
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The live OpenAI-compatible API through the official `openai` client on loopback.
+
+One Serve application per module (start-up is the slow part): a tiny `debug`
+DreamLLM with random weights, saved with `save_checkpoint`, uploaded to the
+session's S3 endpoint (moto) and served from its s3:// URI, with an API key
+read from a secret file. The checkpoint's weights are nudged so that the model
+opens every answer with `<dream_start>`: chat answers then contain a created
+image whenever the request allows one, which the inline-image tests rely on.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-0123456789"
+NATIVE = 32  # the debug flavor's diffusion.resolution
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _biased_debug_checkpoint(path: Path) -> Path:
+    """A debug checkpoint whose LM always ranks <dream_start> first (while images are still allowed)."""
+    import torch
+
+    from dreamllm.checkpoint import save_checkpoint
+    from dreamllm.config import get_flavor
+    from dreamllm.model import DreamLLM
+
+    model = DreamLLM.from_config(get_flavor("debug"))
+    with torch.no_grad():
+        # A large constant in hidden dimension 0 of every token embedding survives to the final hidden
+        # state; the <dream_start> output row reads only that dimension, so its logit is the largest.
+        model.llm.get_input_embeddings().weight[:, 0] += 50
+        row = model.ids.dream_start - model.ids.base_vocab_size
+        model.new_token_head[row].zero_()
+        model.new_token_head[row, 0] = 100
+    return save_checkpoint(model, path)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, s3, tmp_path_factory):
+    from ray import serve
+
+    from dreamllm_platform import storage
+    from dreamllm_platform.config import load_config
+    from dreamllm_platform.serving.app import build_app
+    from dreamllm_platform.serving.config import ServeConfig
+
+    tmp = tmp_path_factory.mktemp("serve")
+    local = _biased_debug_checkpoint(tmp / "ckpt")
+    uri = f"s3://{s3['bucket']}/serve-test/ckpt"
+    for f in local.rglob("*"):
+        if f.is_file():
+            storage.write_bytes(storage.join(uri, str(f.relative_to(local))), f.read_bytes())
+    key_file = tmp / "api-key"
+    key_file.write_text(KEY + "\n")
+    port = _free_port()
+    cfg = load_config(ServeConfig, None, [
+        f"model.uri={uri}", f"model.cache_dir={tmp / 'cache'}", f"auth.api_key_file={key_file}",
+        "auth.require_api_key=true", f"http.port={port}",
+        "defaults.steps=2", "defaults.max_tokens=6", "limits.max_tokens=32", "limits.max_steps=10",
+        f"limits.max_image_pixels={64 * 64}", f"limits.max_request_bytes={256 * 1024}", "limits.max_n=4",
+    ])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _png_data_url(w: int, h: int, color="red") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _decode_b64_png(b64: str) -> Image.Image:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert img.format == "PNG"
+    return img
+
+
+def _raw(server: str, method: str, path: str, body: bytes | None = None, key: str | None = KEY,
+         content_type: str = "application/json") -> tuple[int, dict]:
+    """One HTTP request without the client library (for payloads the client would refuse to send)."""
+    req = urllib.request.Request(server + path, data=body, method=method)
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    if body is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _assert_openai_error(body: dict, code: str | None = None, param: str | None = None) -> dict:
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["message"] and "Traceback" not in err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# ----------------------------------------------------------------- happy paths
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["dreamllm"]
+    status, body = _raw(server, "GET", "/healthz", key=None)
+    assert status == 200 and body == {"status": "ok", "model": "ok"}
+
+
+def test_chat_about_an_image_answers_in_text(client):
+    r = client.chat.completions.create(
+        model="dreamllm",
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png_data_url(40, 30)}},
+            {"type": "text", "text": "What colour is this picture?"}]}],
+        max_tokens=5, extra_body={"max_images": 0})
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str) and msg.content.strip()
+    assert "data:image" not in msg.content  # no image may be created with max_images=0
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    # The prompt holds the image block: 16 visual tokens of the debug flavor plus the template's text.
+    assert r.usage.prompt_tokens > 16
+
+
+def test_created_images_come_back_inline_in_order(client):
+    r = client.chat.completions.create(
+        model="dreamllm", messages=[{"role": "user", "content": "Draw a red circle, then describe it."}],
+        max_tokens=6, seed=3, extra_body={"max_images": 1, "image_steps": 2})
+    content = r.choices[0].message.content
+    prefix = "![image 1](data:image/png;base64,"
+    assert content.startswith(prefix), content[:80]  # the (biased) model opens with its image
+    b64, _, rest = content[len(prefix):].partition(")")
+    assert _decode_b64_png(b64).size == (NATIVE, NATIVE)
+    assert rest.strip(), "the text written after the image is missing"
+
+
+def test_image_generation_sizes_n_and_seeds(client):
+    r = client.images.generate(model="dreamllm", prompt="a blue square", n=3, response_format="b64_json",
+                               extra_body={"steps": 2, "seed": 11})
+    imgs = [_decode_b64_png(d.b64_json) for d in r.data]
+    assert len(imgs) == 3 and all(im.size == (NATIVE, NATIVE) for im in imgs)
+    assert not np.array_equal(np.asarray(imgs[0]), np.asarray(imgs[1]))  # n images, each its own noise
+    again = client.images.generate(prompt="a blue square", n=1, extra_body={"steps": 2, "seed": 11})
+    assert np.array_equal(np.asarray(_decode_b64_png(again.data[0].b64_json)), np.asarray(imgs[0]))
+    big = client.images.generate(prompt="a blue square", size="64x64", extra_body={"steps": 2})
+    assert _decode_b64_png(big.data[0].b64_json).size == (64, 64)
+
+
+def test_seeded_requests_batched_together_stay_reproducible(client):
+    """Concurrent requests share image batches; a seeded one must still get exactly its own images."""
+    def gen(seed):
+        r = client.images.generate(prompt="a green star", extra_body={"steps": 2, "seed": seed})
+        return np.asarray(_decode_b64_png(r.data[0].b64_json))
+
+    alone = gen(5)
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(gen, [5, 6, 5, 7, 5, 8]))
+    for i in (0, 2, 4):
+        assert np.array_equal(together[i], alone)
+    assert not np.array_equal(together[1], alone)
+
+
+@pytest.mark.parametrize("max_images", [0, 1])
+def test_streaming_sends_openai_chunks_with_the_same_answer(client, max_images):
+    kwargs = dict(model="dreamllm", messages=[{"role": "user", "content": "Tell me and draw something."}],
+                  max_tokens=8, seed=1, extra_body={"max_images": max_images, "image_steps": 2})
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(deltas) == whole
+    if max_images == 0:  # plain text is streamed as it is decoded, not in one piece at the end
+        assert len(deltas) >= 3, deltas
+    else:
+        assert deltas[0].startswith("![image 1](data:image/png;base64,")
+
+
+def test_streaming_errors_before_the_first_token_keep_their_status(client):
+    with pytest.raises(openai.BadRequestError, match="does not fit the context"):
+        list(client.chat.completions.create(model="dreamllm", stream=True, max_tokens=3,
+                                            messages=[{"role": "user", "content": " ".join(["word"] * 3000)}]))
+
+
+# ------------------------------------------------------------ refused requests
+
+def test_wrong_or_missing_key_is_401(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401
+    _assert_openai_error(e.value.response.json(), code="invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        bad.images.generate(prompt="x")
+    status, body = _raw(server, "POST", "/v1/images/generations", b'{"prompt": "x"}', key=None)
+    assert status == 401
+    _assert_openai_error(body, code="invalid_api_key")
+
+
+@pytest.mark.parametrize("path, body, code, param", [
+    ("/v1/chat/completions", b"{not json", "invalid_json", None),
+    ("/v1/chat/completions", b"[1, 2]", "invalid_json", None),
+    ("/v1/chat/completions", b'{"model": "dreamllm"}', "invalid_value", "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', "invalid_value", "messages.0.role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+     "invalid_value", "messages.0.content.0.image_url.url"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "tools": []}', "invalid_value", "tools"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
+     "limit_exceeded", "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+                             b'{"url": "data:image/png;base64,@@@"}}]}]}', "invalid_image",
+     "messages.0.content.0.image_url.url"),
+    ("/v1/images/generations", b'{"prompt": "x", "n": 5}', "limit_exceeded", "n"),
+    ("/v1/images/generations", b'{"prompt": "x", "steps": 500}', "limit_exceeded", "steps"),
+    ("/v1/images/generations", b'{"prompt": "x", "size": "64x32"}', "invalid_size", "size"),
+    ("/v1/images/generations", b'{"prompt": "x", "response_format": "url"}', "unsupported_value", "response_format"),
+    ("/v1/images/generations", b'{"prompt": ""}', "invalid_value", "prompt"),
+    ("/v1/images/generations", b'{"prompt": "x", "model": "gpt-image-1"}', "model_not_found", "model"),
+])
+def test_malformed_payloads_get_openai_errors(server, path, body, code, param):
+    status, out = _raw(server, "POST", path, body)
+    assert 400 <= status < 500
+    _assert_openai_error(out, code=code, param=param)
+
+
+def test_client_sees_bad_request_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dreamllm", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert e.value.status_code == 400 and e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError, match="last message must have role 'user'"):
+        client.chat.completions.create(model="dreamllm", messages=[{"role": "assistant", "content": "hi"}])
+
+
+def test_oversized_and_remote_images_are_refused(server, client):
+    with pytest.raises(openai.BadRequestError) as e:  # 100x100 > the 64x64-pixel cap of this server
+        client.chat.completions.create(model="dreamllm", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png_data_url(100, 100)}}]}])
+    assert e.value.code == "image_too_large" and "10000 pixels" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dreamllm", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert e.value.code == "remote_image_not_allowed"
+    huge = json.dumps({"messages": [{"role": "user", "content": "x" * (300 * 1024)}]}).encode()
+    status, out = _raw(server, "POST", "/v1/chat/completions", huge)
+    assert status == 413
+    _assert_openai_error(out, code="request_too_large")
+    status, out = _raw(server, "GET", "/v1/nothing-here")
+    assert status == 404
+    _assert_openai_error(out)
+
+
+def test_a_failing_request_does_not_fail_its_batch(client):
+    """A prompt longer than the context fails inside the model (400); a request sent with it (and usually
+    sharing its text batch) still succeeds."""
+    too_long = " ".join(["word"] * 3000)
+
+    def ask(text):
+        try:
+            r = client.chat.completions.create(model="dreamllm", messages=[{"role": "user", "content": text}],
+                                               max_tokens=3, extra_body={"max_images": 0})
+            return r.choices[0].message.content
+        except openai.BadRequestError as e:
+            return e
+
+    with ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(ask, [too_long, "hello"])
+    assert isinstance(bad, openai.BadRequestError) and "does not fit the context" in bad.message
+    assert isinstance(good, str) and good
+
+
+# ------------------------------------------------------------------ load, faults
+
+def test_bounded_load_finishes_without_errors(client):
+    """50 requests, 8 in flight at a time, image generation and chat mixed."""
+    def one(i):
+        if i % 2:
+            r = client.images.generate(prompt=f"shape {i}", extra_body={"steps": 2})
+            return len(r.data) == 1 and _decode_b64_png(r.data[0].b64_json).size == (NATIVE, NATIVE)
+        r = client.chat.completions.create(model="dreamllm", messages=[{"role": "user", "content": f"hi {i}"}],
+                                           max_tokens=4, extra_body={"max_images": 0})
+        return bool(r.choices[0].message.content)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(50)))
+    assert all(results), results
+    print(f"50 requests, 8 concurrent: {time.perf_counter() - t0:.1f} s")
+
+
+def test_a_dead_model_replica_does_not_take_the_ingress_down(server, client):
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "DreamLLMModel" in a["name"]]
+    assert replicas, "no model replica found"
+    for a in replicas:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    # While Serve replaces the replica, model calls may fail -- as JSON errors, and the ingress keeps answering.
+    status, body = _raw(server, "POST", "/v1/images/generations", b'{"prompt": "x", "steps": 2}')
+    assert status in (200, 503), body
+    if status == 503:
+        _assert_openai_error(body, code="model_unavailable")
+    assert [m.id for m in client.models.list().data] == ["dreamllm"]
+    deadline = time.time() + 90
+    while time.time() < deadline:  # and the app recovers once the new replica is up
+        if _raw(server, "GET", "/healthz", key=None)[0] == 200:
+            break
+        time.sleep(1)
+    r = client.images.generate(prompt="after the restart", extra_body={"steps": 2})
+    assert len(r.data) == 1
