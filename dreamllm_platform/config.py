@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -34,15 +35,23 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = parse_value(raw)
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `2e-3` as a float (YAML 1.1 needs `2.0e-3`; learning rates are written so)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_value(raw: str) -> Any:
-    """A --set value as YAML, plus `3e-3`-style floats that YAML 1.1 leaves as strings."""
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+    """A --set value, parsed as YAML (numbers, bools, lists)."""
+    return parse_yaml(raw) if raw.strip() else ""
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +72,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not p.is_file():
             raise ValueError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {p} is not valid YAML: {e}") from None
     tree = deep_merge(copy.deepcopy(base or {}), tree)

@@ -107,7 +107,7 @@ def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-def to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+def _to_uri(path: str, like: str) -> str:
     """Back from an fsspec path to a URI of the same kind as `like` (s3:// or local)."""
     return f"s3://{path}" if is_remote(like) else path
 
@@ -140,6 +140,8 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, target)
+    for stale in target.parent.glob(f".{target.name}.*"):  # temp files of writers killed mid-write
+        stale.unlink(missing_ok=True)
 
 
 def remove(uri: str, cfg: StorageConfig | None = None) -> None:
@@ -160,7 +162,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] = (), cfg: StorageConfig | No
     if not fs.exists(path):
         return []
     found = sorted(p for p in fs.find(path) if not suffixes or p.endswith(suffixes))
-    return [to_uri(fs, p, uri) for p in found]
+    return [_to_uri(p, uri) for p in found]
 
 
 def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = None) -> Path:
@@ -176,6 +178,28 @@ def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = No
     target = Path(cache_dir) / path
     if (target / ".complete").exists():
         return target
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"not a directory: {uri}")
+    # A private temp dir per download and one rename as the commit point: concurrent
+    # downloads (several replicas on a node) never see or clobber a half-written tree.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        for remote in fs.find(path):
+            local = tmp / Path(remote).relative_to(path)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(local))
+        (tmp / ".complete").touch()
+        if target.exists() and not (target / ".complete").exists():
+            shutil.rmtree(target, ignore_errors=True)  # left by a crash of the old layout
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / ".complete").exists():  # not someone else's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
     if not fs.isdir(path):
         raise FileNotFoundError(f"not a directory: {uri}")
     tmp = target.with_name(target.name + ".partial")

@@ -31,7 +31,7 @@ REASONS = {
     "malformed_json": "a JSON line or file that does not parse",
     "malformed_record": "a record missing required fields or with wrong types",
     "url_duplicate": "MMC4 document flagged could_have_url_duplicate",
-    "no_images": "document left with fewer than filters.min_images_per_doc images, or a pair without its image",
+    "no_images": "document left with fewer than filters.min_images_per_doc images",
     # per shard
     "unreadable_shard": "a shard that cannot be opened or parsed (records lost: unknown)",
     "truncated_shard": "a shard cut short; the records before the cut are kept",

@@ -219,9 +219,11 @@ def _tar_index(uri: str, tars: tuple[str, ...], st: StorageConfig | None) -> dic
 
 def _download(url: str, timeout_s: float, retries: int) -> bytes | None:
     for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(2.0 ** (attempt - 1), 10.0))  # back off before each retry
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as r:
                 return r.read()
-        except Exception:
-            time.sleep(min(2.0 ** attempt, 10.0))
+        except Exception:  # HTTP errors, timeouts, refused connections: the image counts as missing
+            continue
     return None

@@ -29,6 +29,9 @@ from .config import SourceConfig, FilterConfig
 from .filters import Report, decode_image
 
 
+_Kept = tuple[tuple[str, str, str], list[str]]  # (record id, type, json), image shas it uses
+
+
 def _items_json(items) -> list[dict]:
     return [{"text": it.text} if isinstance(it, Text) else {"image": it.key} for it in items]
 
@@ -49,12 +52,15 @@ class ShardReader:
         self._by_name: dict[str, tuple[str | None, str | None]] = {}  # image name -> (sha, drop reason)
         self._crops: dict[str, dict] = {}  # sha -> image row, for the record being read
         self._emitted: set[str] = set()
+        self._pair_shas: set[str] = set()  # images of kept pairs, for pair de-duplication
 
     # ----------------------------------------------------------------- images
     def _prepare(self, data: bytes | None) -> tuple[str | None, str | None]:
         """Bytes -> (sha256, None) with its crops staged for emission, or (None, drop reason)."""
         if data is None:
             return None, "missing_image"
+        if not isinstance(data, (bytes, bytearray)):
+            return None, "undecodable_image"
         sha = hashlib.sha256(data).hexdigest()
         if sha in self._emitted or sha in self._crops:
             return sha, None
@@ -132,86 +138,88 @@ class ShardReader:
             return None
         return kept
 
-    def _documents(self, instruct: bool) -> Iterator[dict]:
-        kind = "instruct_docs" if instruct else "documents"
-        it = (readers.iter_json_list if instruct else readers.iter_mmc4)(self.uri, self.report, self.st)
-        for key, rec in it:
-            self.report.count(f"{kind}_in")
-            doc = rec.get("document") if instruct else rec
-            if not isinstance(doc, dict) or (instruct and not isinstance(rec.get("instruction"), str)):
-                self.report.drop("malformed_record", key)
-                continue
-            kept = self._document_images(doc, key)
-            if kept is None:
-                self._crops.clear()
-                continue
-            items = document_from_mmc4({"text_list": doc["text_list"], "image_info": kept},
-                                       image_key=lambda info: info["sha256"])
-            if instruct:
-                data = {"turns": [{"role": "user", "items": [{"text": rec["instruction"]}]},
-                                  {"role": "assistant", "items": _items_json(items)}]}
-            else:
-                data = {"items": _items_json(items)}
-            self.records.append((key, "conversation" if instruct else "document", json.dumps(data)))
-            self.report.count(f"{kind}_out")
-            yield from self._flush([k["sha256"] for k in kept])
+    # Each _<type>(key, rec) returns ((id, type, json), image shas) for a kept record, or None
+    # with the drop counted. `images()` runs them under one guard, so a record of an
+    # unforeseen shape is counted as malformed instead of failing the shard.
+    def _document(self, key: str, rec: dict, instruct: bool) -> _Kept | None:
+        doc = rec.get("document") if instruct else rec
+        if not isinstance(doc, dict) or (instruct and not isinstance(rec.get("instruction"), str)):
+            self.report.drop("malformed_record", key)
+            return None
+        kept = self._document_images(doc, key)
+        if kept is None:
+            return None
+        items = _items_json(document_from_mmc4({"text_list": doc["text_list"], "image_info": kept},
+                                               image_key=lambda info: info["sha256"]))
+        if instruct:  # the instruction is the user turn; the document is the assistant's answer
+            data = {"turns": [{"role": "user", "items": [{"text": rec["instruction"]}]},
+                              {"role": "assistant", "items": items}]}
+            return (key, "conversation", json.dumps(data)), [k["sha256"] for k in kept]
+        return (key, "document", json.dumps({"items": items})), [k["sha256"] for k in kept]
 
-    def _pairs(self) -> Iterator[dict]:
-        it = (readers.iter_webdataset if self.source.format == "webdataset" else readers.iter_laion_parquet)(
-            self.uri, self.report, self.st)
-        seen: set[str] = set()
-        for key, rec in it:
-            self.report.count("pairs_in")
+    def _pair(self, key: str, rec: dict) -> _Kept | None:
+        self.report.count("images_in")
+        caption = rec["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            self.report.drop("malformed_record", key)
+            return None
+        sha = self._image(rec["image"], key)
+        if sha is None:
+            return None
+        if self.f.dedupe_images and sha in self._pair_shas:
+            self.report.drop("duplicate_image", key)
+            return None
+        self._pair_shas.add(sha)
+        return (key, "pair", json.dumps({"caption": caption.strip(), "image": sha})), [sha]
+
+    def _conversation(self, key: str, rec: dict) -> _Kept | None:
+        convs, image = rec.get("conversations"), rec.get("image")
+        if not isinstance(convs, list) or not all(isinstance(t, dict) for t in convs) or (
+                image is not None and not isinstance(image, str)):
+            self.report.drop("malformed_record", key)
+            return None
+        sha = None
+        if image is not None:
             self.report.count("images_in")
-            caption = rec["caption"]
-            if not isinstance(caption, str) or not caption.strip():
-                self.report.drop("malformed_record", key)
-                continue
-            sha = self._image(rec["image"], key)
+            sha = self._by_file(image, f"{key}/{image}")
             if sha is None:
-                continue
-            if self.f.dedupe_images and sha in seen:
-                self.report.drop("duplicate_image", key)
-                continue
-            seen.add(sha)
-            self.records.append((key, "pair", json.dumps({"caption": caption.strip(), "image": sha})))
-            self.report.count("pairs_out")
-            yield from self._flush([sha])
-
-    def _conversations(self) -> Iterator[dict]:
-        for key, rec in readers.iter_json_list(self.uri, self.report, self.st):
-            self.report.count("conversations_in")
-            convs, image = rec.get("conversations"), rec.get("image")
-            if not isinstance(convs, list) or (image is not None and not isinstance(image, str)):
-                self.report.drop("malformed_record", key)
-                continue
-            sha = None
-            if image is not None:
-                self.report.count("images_in")
-                sha = self._by_file(image, f"{key}/{image}")
-                if sha is None:
-                    self._crops.clear()
-                    continue
-            try:
-                turns = turns_from_llava(convs, sha)
-            except (ValueError, KeyError, TypeError):
-                self.report.drop("malformed_record", key)
-                self._crops.clear()
-                continue
-            data = {"turns": [{"role": t.role, "items": _items_json(t.items)} for t in turns]}
-            self.records.append((key, "conversation", json.dumps(data)))
-            self.report.count("conversations_out")
-            yield from self._flush([sha] if sha else [])
+                return None
+        try:
+            turns = turns_from_llava(convs, sha)
+        except (ValueError, KeyError):
+            self.report.drop("malformed_record", key)
+            return None
+        data = {"turns": [{"role": t.role, "items": _items_json(t.items)} for t in turns]}
+        return (key, "conversation", json.dumps(data)), [sha] if sha else []
 
     def images(self) -> Iterator[dict]:
         """Unique images of the kept records, in first-use order: {sha256, vae_u8 (R,R,3), clip_u8 (S,S,3)}."""
         fmt = self.source.format
         if fmt in ("mmc4", "instruct_doc"):
-            yield from self._documents(instruct=fmt == "instruct_doc")
+            kind = "instruct_docs" if fmt == "instruct_doc" else "documents"
+            it = (readers.iter_json_list if fmt == "instruct_doc" else readers.iter_mmc4)(self.uri, self.report, self.st)
+            handle = lambda key, rec: self._document(key, rec, fmt == "instruct_doc")  # noqa: E731
         elif fmt in ("webdataset", "laion_parquet"):
-            yield from self._pairs()
+            kind = "pairs"
+            it = (readers.iter_webdataset if fmt == "webdataset" else readers.iter_laion_parquet)(
+                self.uri, self.report, self.st)
+            handle = self._pair
         else:
-            yield from self._conversations()
+            kind, it, handle = "conversations", readers.iter_json_list(self.uri, self.report, self.st), self._conversation
+        for key, rec in it:
+            self.report.count(f"{kind}_in")
+            try:
+                kept = handle(key, rec)
+            except Exception:  # e.g. a matched_text_index that is not a number
+                self.report.drop("malformed_record", key)
+                kept = None
+            if kept is None:
+                self._crops.clear()
+                continue
+            record, shas = kept
+            self.records.append(record)
+            self.report.count(f"{kind}_out")
+            yield from self._flush(shas)
 
 
 def iter_items(items_json: list[dict]):

@@ -4,7 +4,7 @@ Owns the layout under the store URI (s3:// or local) and the commit protocol:
 
   latents/<source>/<shard>.parquet   sha256, mean, logvar (fp16 bytes, C x h x w), clip_u8 (S x S x 3 uint8)
   records/<source>/<shard>.parquet   id, type, data (normalised JSON, see shards.py), in shard order
-  manifest/<source>/<shard>.json     source URI, output files, counts, drops, config hash, shapes
+  manifest/<source>/<shard>.json     source URI, output files (relative), counts, drops, config hash, shapes
   report.json                        counts and drops summed over the manifest (written by the job)
 
 A shard is complete when its manifest entry exists, its config hash matches
@@ -91,7 +91,8 @@ class LatentStore:
         storage.write_bytes(self.latents_uri(shard_id), _parquet_bytes(lat), self.st)
         storage.write_bytes(self.records_uri(shard_id), _parquet_bytes(rec), self.st)
         entry = {"shard_id": shard_id, "source": source_uri, "format": fmt, "config_hash": config_hash,
-                 "latents": self.latents_uri(shard_id), "records": self.records_uri(shard_id),
+                 # relative to the store root, so a store can be copied or moved (e.g. local -> s3://)
+                 "latents": f"latents/{shard_id}.parquet", "records": f"records/{shard_id}.parquet",
                  "num_images": lat.num_rows, "num_records": rec.num_rows, **meta, **report}
         storage.write_bytes(self.manifest_uri(shard_id), json.dumps(entry, indent=1, sort_keys=True).encode(), self.st)
         return entry

@@ -17,13 +17,10 @@ batch, one raised exception would fail every request that shared the call.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from PIL.Image import Image
 from ray import serve
@@ -92,17 +89,10 @@ def _images_in(jobs: list[ImageJob]) -> int:
 def resolve_checkpoint(cfg: ModelConfig, tracking: TrackingConfig) -> Path:
     """A local directory holding the checkpoint `cfg.uri` names (registry references are looked up,
     remote checkpoints downloaded once per node), through `dreamllm_platform.checkpoints`."""
-    from dreamllm_platform import storage
     from dreamllm_platform.checkpoints import local_checkpoint
 
-    if urlparse(cfg.uri).scheme in ("", "file"):
-        return local_checkpoint(cfg.uri, tracking)  # used in place
-    cache = Path(cfg.cache_dir or Path(tempfile.gettempdir()) / "dreamllm-checkpoints")
-    cache.mkdir(parents=True, exist_ok=True)
-    # Replicas on one node share the cache: one downloads while the others wait, then all reuse it.
-    with open(cache / ".download.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return local_checkpoint(cfg.uri, tracking, cache)
+    # Replicas on one node share the download cache; storage.download_dir makes that safe.
+    return local_checkpoint(cfg.uri, tracking, cfg.cache_dir)
 
 
 # ---------------------------------------------------------------- deployment

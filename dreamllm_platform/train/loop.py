@@ -225,7 +225,7 @@ def train_loop(config: dict) -> None:
 
 
 def _collator(cfg: TrainConfig, model: DreamLLM) -> ExampleCollator:
-    return ExampleCollator(model.cfg)  # TEMP: packing lands with the collator change
+    return ExampleCollator(model.cfg, pack=cfg.data.pack)
 
 
 def _run_dir(cfg: TrainConfig) -> str:

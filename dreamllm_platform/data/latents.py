@@ -1,0 +1,284 @@
+"""The precompute pipeline: source shards -> CPU read/filter/crop tasks -> VAE actor pool -> latent store.
+
+Owns: planning which shards are pending (the manifest says which are done),
+sizing the VAE actor pool from the cluster's resources, the VAE actor, and the
+driver loop that commits each shard as soon as all of its images are encoded.
+
+Ray Data plan (one row per pending shard):
+  from_items(shards) -> map_batches(read_shard, CPU tasks)  rows: one per unique image + one 'end' row per shard
+                     -> map_batches(VaeEncoder, ActorPoolStrategy)  mean/logvar added, VAE pixels dropped
+                     -> driver: group by shard; commit when the 'end' row and all images arrived
+The 'end' row carries the shard's records and drop report, so nothing is
+staged on storage and a shard is committed whole or not at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dreamllm.config import get_flavor
+
+from .. import storage
+from ..runtime import Resources, cluster_resources, init_ray
+from .config import SHARD_SUFFIXES, EncoderConfig, PrecomputeConfig, SourceConfig
+from .filters import Report
+from .shards import ShardReader
+from .store import LatentStore
+from .synthetic import synthetic_exists, write_synthetic
+
+READ_TASK_MEMORY = 512 * 2**20  # bytes per read task: a worker with torch imported holds ~270 MiB already
+ROWS_PER_BATCH = 32  # image rows per block out of a read task: small blocks keep the pool busy early
+
+
+# ------------------------------------------------------------------ planning
+
+@dataclass(frozen=True)
+class ShardTask:
+    shard_id: str
+    source: str
+    uri: str
+    config_hash: str
+
+
+def resolved_sources(cfg: PrecomputeConfig) -> dict[str, SourceConfig]:
+    """Enabled sources with URIs resolved against data_root."""
+    return {name: dataclasses.replace(s, uri=cfg.source_uri(s.uri), images=cfg.source_uri(s.images))
+            for name, s in cfg.sources.items() if s.enabled}
+
+
+def plan_shards(cfg: PrecomputeConfig) -> list[ShardTask]:
+    """Every shard of every enabled source, with its store id `<source>/<path under the source, no suffix>`."""
+    tasks = []
+    for name, src in resolved_sources(cfg).items():
+        suffixes = SHARD_SUFFIXES[src.format]
+        shards = storage.list_files(src.uri, suffixes, cfg.storage)
+        if not shards:
+            print(f"warning: source {name!r}: no {'/'.join(suffixes)} shards under {src.uri}")
+        h = cfg.shard_config_hash(src)
+        for uri in shards:
+            rel = uri[len(src.uri):].strip("/") if uri.startswith(src.uri.rstrip("/") + "/") else storage.basename(uri)
+            rel = next(rel[: -len(s)] for s in suffixes if rel.endswith(s))
+            tasks.append(ShardTask(f"{name}/{rel}", name, uri, h))
+    return tasks
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Resources of the VAE actors and read tasks (see `plan_pool`)."""
+
+    size: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    read_cpus: float
+
+
+def plan_pool(res: Resources, enc: EncoderConfig) -> PoolPlan:
+    """Size the VAE pool so that read tasks always have CPUs left.
+
+    On a 2-CPU Ray a pool holding both CPUs starves the read tasks and the
+    pipeline hangs silently (ENVIRONMENT.md). GPU clusters: one actor per GPU,
+    each with a small CPU share. CPU clusters: a quarter of the CPUs become
+    actors (at least one), together holding at most half of the CPUs.
+    """
+    read_cpus = min(enc.read_cpus, max(res.cpus / 2, 0.1))
+    if res.gpus >= 1:
+        size = enc.pool_size or int(res.gpus)
+        gpus = 1.0
+        cpus = enc.cpus_per_actor or min(1.0, res.cpus / (2 * size))
+    else:
+        size = enc.pool_size or max(1, int(res.cpus // 4))
+        gpus = 0.0
+        cpus = enc.cpus_per_actor or min(1.0, res.cpus / (2 * size))
+    if size * cpus + read_cpus > res.cpus + 1e-9 or size * gpus > res.gpus + 1e-9:
+        raise ValueError(f"encoder pool of {size} actors x {cpus} CPU / {gpus} GPU plus a {read_cpus}-CPU read task "
+                         f"does not fit the cluster ({res.cpus} CPU, {res.gpus} GPU): lower encoder.pool_size "
+                         f"or encoder.cpus_per_actor")
+    return PoolPlan(size, cpus, gpus, read_cpus)
+
+
+# --------------------------------------------------------------- Ray stages
+
+def read_shard(batch: dict, cfg: PrecomputeConfig):
+    """CPU task: one shard row -> blocks of image rows (VAE and CLIP crops), then the shard's 'end' row."""
+    model = get_flavor(cfg.flavor)
+    sources = resolved_sources(cfg)
+    for shard_id, source, uri in zip(batch["shard_id"], batch["source"], batch["uri"]):
+        reader = ShardReader(sources[source], uri, cfg.filters, model.diffusion.resolution,
+                             model.vision.image_size, cfg.storage)
+        rows, n = [], 0
+        for img in reader.images():
+            rows.append({"shard_id": shard_id, "kind": "image", "payload": b"", **img})
+            n += 1
+            if len(rows) == ROWS_PER_BATCH:
+                yield _columns(rows)
+                rows = []
+        end = {"records": reader.records, "report": reader.report.to_dict(), "num_images": n}
+        rows.append({"shard_id": shard_id, "kind": "end", "sha256": "", "vae_u8": b"", "clip_u8": b"",
+                     "payload": json.dumps(end).encode()})
+        yield _columns(rows)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+class VaeEncoder:
+    """Actor: the frozen VAE encoder, on the actor's GPU with autocast when there is one.
+
+    Every forward runs on exactly `batch_size` images (zero-padded), so an
+    image's latents do not depend on which images shared its batch: results
+    are identical however Ray Data cuts blocks, on re-runs and resumed runs.
+    """
+
+    def __init__(self, flavor: str, batch_size: int, autocast: str, num_threads: int):
+        import torch
+
+        from dreamllm.components import build_vae
+
+        torch.set_num_threads(num_threads)  # the actor owns a CPU share, not the whole machine
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae = build_vae(get_flavor(flavor).diffusion).to(self.device)
+        self.batch_size = batch_size
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast) if self.device == "cuda" else None
+        self.res = get_flavor(flavor).diffusion.resolution
+
+    def __call__(self, batch: dict) -> dict:
+        from dreamllm.components import encode_latent_dist
+
+        torch = self.torch
+        is_img = np.asarray([k == "image" for k in batch["kind"]])
+        idx = np.flatnonzero(is_img)
+        means = [b""] * len(is_img)
+        logvars = [b""] * len(is_img)
+        B, R = self.batch_size, self.res
+        for start in range(0, len(idx), B):
+            part = idx[start:start + B]
+            u8 = np.stack([np.frombuffer(batch["vae_u8"][i], np.uint8).reshape(R, R, 3) for i in part])
+            # The same arithmetic as dreamllm.images.vae_pixels: x / 255 * 2 - 1.
+            x = torch.from_numpy(u8.astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2.0 - 1.0
+            x = torch.cat([x, x.new_zeros((B - len(part), *x.shape[1:]))]).to(self.device)
+            with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype is not None):
+                mean, logvar = encode_latent_dist(self.vae, x)
+            mean = mean[: len(part)].float().cpu().numpy().astype(np.float16)
+            logvar = logvar[: len(part)].float().cpu().numpy().astype(np.float16)
+            for j, i in enumerate(part):
+                means[i], logvars[i] = mean[j].tobytes(), logvar[j].tobytes()
+        out = {k: v for k, v in batch.items() if k != "vae_u8"}
+        out["mean"], out["logvar"] = means, logvars
+        return out
+
+
+# -------------------------------------------------------------------- driver
+
+@dataclass
+class Summary:
+    """What a precompute run did; `report` sums every committed shard of the plan."""
+
+    output: str
+    shards_total: int = 0
+    shards_skipped: int = 0
+    shards_done: int = 0
+    images_encoded: int = 0
+    seconds: float = 0.0
+    report: Report = field(default_factory=Report)
+    latent_shape: list[int] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_encoded / self.seconds if self.seconds else 0.0
+
+    def format(self) -> str:
+        return "\n".join([
+            f"latent store: {self.output}",
+            f"shards: {self.shards_total} ({self.shards_done} processed now, {self.shards_skipped} already complete)",
+            f"images encoded now: {self.images_encoded} in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
+            "all shards:", self.report.format(),
+            f"report: {storage.join(self.output, 'report.json')}"])
+
+
+def build_pipeline(cfg: PrecomputeConfig, pending: list[ShardTask], plan: PoolPlan):
+    """The lazy Ray Dataset of encoded image rows and 'end' rows for `pending` shards."""
+    import ray
+
+    ds = ray.data.from_items([dataclasses.asdict(t) for t in pending], override_num_blocks=len(pending))
+    # The memory reservation (one shard's bytes + decoded images) also makes the read stage's
+    # resources differ from the actors', which keeps Ray Data from fusing the reads into the
+    # actor pool: decoding would then run inside the few (GPU) actors, one shard at a time.
+    ds = ds.map_batches(read_shard, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=plan.read_cpus,
+                        memory=READ_TASK_MEMORY)
+    return ds.map_batches(VaeEncoder, batch_size=cfg.encoder.batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=plan.size),
+                          num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                          fn_constructor_kwargs={"flavor": cfg.flavor, "batch_size": cfg.encoder.batch_size,
+                                                 "autocast": cfg.encoder.autocast,
+                                                 "num_threads": max(1, round(plan.cpus_per_actor))})
+
+
+def run_precompute(cfg: PrecomputeConfig) -> Summary:
+    """Run the job on `cfg`: write the synthetic set if asked and missing, encode pending shards, write the report.
+
+    Each shard is committed to the store as soon as its last image is encoded, so a
+    killed run keeps every finished shard and the next run does only the rest.
+    """
+    if cfg.synthetic.enabled and not synthetic_exists(cfg.data_root, cfg.storage):
+        print(f"writing the synthetic data set to {cfg.data_root}")
+        write_synthetic(cfg.data_root, cfg.synthetic, cfg.storage)
+
+    model = get_flavor(cfg.flavor)
+    store = LatentStore(cfg.output, cfg.storage)
+    tasks = plan_shards(cfg)
+    pending = [t for t in tasks if not store.is_complete(t.shard_id, t.config_hash)]
+    summary = Summary(cfg.output, shards_total=len(tasks), shards_skipped=len(tasks) - len(pending))
+    t0 = time.perf_counter()
+    if pending:
+        init_ray(cfg.ray_num_cpus)  # only now: a run with nothing to do needs no Ray
+        plan = plan_pool(cluster_resources(), cfg.encoder)
+        print(f"encoding {len(pending)} shards: {plan.size} VAE actor(s) x {plan.cpus_per_actor:g} CPU "
+              f"{plan.gpus_per_actor:g} GPU, read tasks {plan.read_cpus:g} CPU")
+        by_id = {t.shard_id: t for t in pending}
+        meta = {"flavor": cfg.flavor, "vae_resolution": model.diffusion.resolution,
+                "clip_size": model.vision.image_size}
+        ds = build_pipeline(cfg, pending, plan)
+        images: dict[str, list[dict]] = {}
+        ends: dict[str, dict] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                sid = row["shard_id"]
+                if row["kind"] == "image":
+                    images.setdefault(sid, []).append(row)
+                    summary.images_encoded += 1
+                else:
+                    ends[sid] = json.loads(row["payload"])
+                if sid in ends and len(images.get(sid, [])) == ends[sid]["num_images"]:
+                    t, end = by_id[sid], ends.pop(sid)
+                    lat = images.pop(sid, [])
+                    shape = _latent_shape(lat, model.diffusion.latent_channels)
+                    store.commit(sid, source_uri=t.uri, fmt=cfg.sources[t.source].format,
+                                 config_hash=t.config_hash, records=end["records"], latents=lat,
+                                 report=end["report"], meta={**meta, "latent_shape": shape})
+                    summary.shards_done += 1
+        if ends or images:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
+            raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(set(ends) | set(images))}")
+    summary.seconds = time.perf_counter() - t0
+    manifest = store.manifest()
+    planned = {t.shard_id for t in tasks}
+    for sid, entry in manifest.items():
+        if sid in planned:
+            summary.report.merge(entry)
+            summary.latent_shape = summary.latent_shape or entry.get("latent_shape") or []
+    if summary.shards_done or not storage.exists(store.report_uri, cfg.storage):
+        store.write_report({**summary.report.to_dict(), "shards": sorted(planned), "output": cfg.output})
+    return summary
+
+
+def _latent_shape(rows: list[dict], channels: int) -> list[int] | None:
+    """(C, h, w) of the fp16 latents (square latents), or None for a shard without images."""
+    if not rows:
+        return None
+    side = int(round((len(rows[0]["mean"]) // 2 // channels) ** 0.5))
+    return [channels, side, side]
