@@ -17,7 +17,8 @@ STAGES = ("align", "igpt", "sft")
 """Training stages of the paper (Sec. 3.2): I alignment, II I-GPT pretraining, III SFT."""
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless `cond`: the validation of every config's __post_init__."""
     if not cond:
         raise ValueError(msg)
 
@@ -42,8 +43,8 @@ class LLMConfig:
     """Seed of the random init, so that every process builds the same weights."""
 
     def __post_init__(self) -> None:
-        _check(self.hidden_size % self.num_heads == 0, "llm.hidden_size must be divisible by llm.num_heads")
-        _check(self.context_length >= 16, "llm.context_length must be at least 16")
+        check(self.hidden_size % self.num_heads == 0, "llm.hidden_size must be divisible by llm.num_heads")
+        check(self.context_length >= 16, "llm.context_length must be at least 16")
 
 
 @dataclass
@@ -68,7 +69,7 @@ class VisionConfig:
     """Seed of the random init."""
 
     def __post_init__(self) -> None:
-        _check(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of vision.patch_size")
+        check(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of vision.patch_size")
 
     @property
     def num_tokens(self) -> int:
@@ -102,9 +103,9 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         self.unet_channels = tuple(self.unet_channels)
         self.vae_channels = tuple(self.vae_channels)
-        _check(self.prediction_type in ("epsilon", "v_prediction"),
+        check(self.prediction_type in ("epsilon", "v_prediction"),
                f"diffusion.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
-        _check(self.resolution % 2 ** (len(self.vae_channels) - 1) == 0,
+        check(self.resolution % 2 ** (len(self.vae_channels) - 1) == 0,
                "diffusion.resolution must be divisible by the VAE downsampling factor")
 
     @property
@@ -149,7 +150,7 @@ class LossWeights:
     """Weight of the diffusion (epsilon) MSE on dream slots."""
 
     def __post_init__(self) -> None:
-        _check(self.lm >= 0 and self.diffusion >= 0, "loss weights must be non-negative")
+        check(self.lm >= 0 and self.diffusion >= 0, "loss weights must be non-negative")
 
 
 def _default_stage_losses() -> dict[str, LossWeights]:
@@ -185,13 +186,13 @@ class DreamLLMConfig:
     """Recompute LLM and UNet activations in backward to save memory."""
 
     def __post_init__(self) -> None:
-        _check(self.num_dream_queries >= 1, "num_dream_queries must be >= 1")
-        _check(0.0 <= self.condition_dropout < 1.0, "condition_dropout must be in [0, 1)")
+        check(self.num_dream_queries >= 1, "num_dream_queries must be >= 1")
+        check(0.0 <= self.condition_dropout < 1.0, "condition_dropout must be in [0, 1)")
         unknown = sorted(set(self.stage_losses) - set(STAGES))
-        _check(not unknown, f"unknown stage(s) {unknown} in stage_losses; valid stages: {', '.join(STAGES)}")
+        check(not unknown, f"unknown stage(s) {unknown} in stage_losses; valid stages: {', '.join(STAGES)}")
         self.stage_losses = {**_default_stage_losses(), **self.stage_losses}
         min_len = 2 + self.num_dream_queries + 2 + self.vision.num_tokens + 4
-        _check(self.llm.context_length >= min_len,
+        check(self.llm.context_length >= min_len,
                f"llm.context_length {self.llm.context_length} cannot hold one image (needs >= {min_len})")
 
     def to_dict(self) -> dict[str, Any]:

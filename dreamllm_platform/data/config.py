@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from dreamllm.config import get_flavor
+from dreamllm.config import check, get_flavor
 
 from ..storage import StorageConfig, is_remote, join
 
@@ -29,11 +29,6 @@ SHARD_SUFFIXES = {
 }
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 @dataclass
 class SourceConfig:
     """One input data set: where its shards are and how to read them."""
@@ -48,8 +43,8 @@ class SourceConfig:
     """Set false to skip this source."""
 
     def __post_init__(self) -> None:
-        _check(self.format in FORMATS, f"source format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        _check(bool(self.uri), "source uri must be set")
+        check(self.format in FORMATS, f"source format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check(bool(self.uri), "source uri must be set")
 
 
 @dataclass
@@ -82,12 +77,12 @@ class FilterConfig:
     """Offending keys kept per drop reason in the report."""
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.min_matched_sim <= 1.0, "filters.min_matched_sim must be in [0, 1]")
-        _check(self.min_image_side >= 1, "filters.min_image_side must be >= 1")
-        _check(self.max_aspect_ratio >= 1.0, "filters.max_aspect_ratio must be >= 1")
-        _check(self.max_image_pixels > 0, "filters.max_image_pixels must be > 0")
-        _check(self.max_images_per_doc >= 1, "filters.max_images_per_doc must be >= 1")
-        _check(0 <= self.min_images_per_doc <= self.max_images_per_doc,
+        check(0.0 <= self.min_matched_sim <= 1.0, "filters.min_matched_sim must be in [0, 1]")
+        check(self.min_image_side >= 1, "filters.min_image_side must be >= 1")
+        check(self.max_aspect_ratio >= 1.0, "filters.max_aspect_ratio must be >= 1")
+        check(self.max_image_pixels > 0, "filters.max_image_pixels must be > 0")
+        check(self.max_images_per_doc >= 1, "filters.max_images_per_doc must be >= 1")
+        check(0 <= self.min_images_per_doc <= self.max_images_per_doc,
                "filters.min_images_per_doc must be in [0, max_images_per_doc]")
 
 
@@ -107,10 +102,10 @@ class EncoderConfig:
     """GPU autocast dtype: bf16, fp16 or none (CPU always runs fp32)."""
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "encoder.batch_size must be >= 1")
-        _check(self.pool_size >= 0 and self.cpus_per_actor >= 0, "encoder.pool_size and cpus_per_actor must be >= 0")
-        _check(0 < self.read_cpus <= 64, "encoder.read_cpus must be in (0, 64]")
-        _check(self.autocast in ("bf16", "fp16", "none"), "encoder.autocast must be bf16, fp16 or none")
+        check(self.batch_size >= 1, "encoder.batch_size must be >= 1")
+        check(self.pool_size >= 0 and self.cpus_per_actor >= 0, "encoder.pool_size and cpus_per_actor must be >= 0")
+        check(0 < self.read_cpus <= 64, "encoder.read_cpus must be in (0, 64]")
+        check(self.autocast in ("bf16", "fp16", "none"), "encoder.autocast must be bf16, fp16 or none")
 
 
 @dataclass
@@ -143,8 +138,8 @@ class SyntheticConfig:
     """Also write one of each kind of bad input (tests of the filters)."""
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 16, "synthetic.image_size must be >= 16")
-        _check(min(self.mmc4_shards, self.docs_per_shard, self.scenes_per_doc, self.webdataset_shards,
+        check(self.image_size >= 16, "synthetic.image_size must be >= 16")
+        check(min(self.mmc4_shards, self.docs_per_shard, self.scenes_per_doc, self.webdataset_shards,
                    self.parquet_shards, self.pairs_per_shard, self.conversations, self.instruct_docs) >= 0,
                "synthetic counts must be >= 0")
 
@@ -185,8 +180,8 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         get_flavor(self.flavor)  # raises with the valid names
-        _check(bool(self.sources), "at least one source is needed")
-        _check(all("/" not in n for n in self.sources), "source names must not contain '/'")
+        check(bool(self.sources), "at least one source is needed")
+        check(all("/" not in n for n in self.sources), "source names must not contain '/'")
 
     def source_uri(self, uri: str | None) -> str | None:
         """A source URI resolved against data_root (absolute paths and s3:// stay as they are)."""
@@ -219,6 +214,6 @@ class AssemblyConfig:
     def __post_init__(self) -> None:
         self.record_types, self.sources, self.pair_tasks = tuple(self.record_types), tuple(self.sources), tuple(self.pair_tasks)
         bad = set(self.record_types) - {"document", "pair", "conversation"}
-        _check(not bad, f"unknown record type(s) {sorted(bad)}; valid: document, pair, conversation")
+        check(not bad, f"unknown record type(s) {sorted(bad)}; valid: document, pair, conversation")
         bad = set(self.pair_tasks) - {"comprehension", "creation"}
-        _check(not bad, f"unknown pair task(s) {sorted(bad)}; valid: comprehension, creation")
+        check(not bad, f"unknown pair task(s) {sorted(bad)}; valid: comprehension, creation")

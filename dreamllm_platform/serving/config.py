@@ -12,15 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from dreamllm.config import check
+
 from dreamllm_platform.tracking import TrackingConfig
 
 URI_SCHEMES = ("", "file", "s3", "s3a", "models")
 """Model reference schemes (a local path has none; models:/ is resolved in the MLflow registry)."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 @dataclass
@@ -50,15 +47,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.uri).scheme
-        _check(scheme in URI_SCHEMES, f"model.uri {self.uri!r}: unsupported scheme {scheme!r}; expected a local "
+        check(scheme in URI_SCHEMES, f"model.uri {self.uri!r}: unsupported scheme {scheme!r}; expected a local "
                                       "path, file:///dir, s3://bucket/prefix or models:/NAME@ALIAS")
-        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
+        check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
                f"model.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        _check(self.use_gpu in (None, True, False), f"model.use_gpu must be true, false or null (auto), got {self.use_gpu!r}")
-        _check(self.num_cpus > 0, "model.num_cpus must be > 0")
-        _check(1 <= self.min_replicas <= self.max_replicas, "model replicas need 1 <= min_replicas <= max_replicas")
-        _check(self.target_ongoing_requests > 0, "model.target_ongoing_requests must be > 0")
-        _check(self.max_ongoing_requests >= 1, "model.max_ongoing_requests must be >= 1")
+        check(self.use_gpu in (None, True, False), f"model.use_gpu must be true, false or null (auto), got {self.use_gpu!r}")
+        check(self.num_cpus > 0, "model.num_cpus must be > 0")
+        check(1 <= self.min_replicas <= self.max_replicas, "model replicas need 1 <= min_replicas <= max_replicas")
+        check(self.target_ongoing_requests > 0, "model.target_ongoing_requests must be > 0")
+        check(self.max_ongoing_requests >= 1, "model.max_ongoing_requests must be >= 1")
 
 
 @dataclass
@@ -79,11 +76,11 @@ class IngressConfig:
     """How long the ingress waits for the model before answering 504."""
 
     def __post_init__(self) -> None:
-        _check(self.num_cpus > 0, "ingress.num_cpus must be > 0")
-        _check(1 <= self.min_replicas <= self.max_replicas, "ingress replicas need 1 <= min_replicas <= max_replicas")
-        _check(self.target_ongoing_requests > 0, "ingress.target_ongoing_requests must be > 0")
-        _check(self.max_ongoing_requests >= 1, "ingress.max_ongoing_requests must be >= 1")
-        _check(self.request_timeout_s > 0, "ingress.request_timeout_s must be > 0")
+        check(self.num_cpus > 0, "ingress.num_cpus must be > 0")
+        check(1 <= self.min_replicas <= self.max_replicas, "ingress replicas need 1 <= min_replicas <= max_replicas")
+        check(self.target_ongoing_requests > 0, "ingress.target_ongoing_requests must be > 0")
+        check(self.max_ongoing_requests >= 1, "ingress.max_ongoing_requests must be >= 1")
+        check(self.request_timeout_s > 0, "ingress.request_timeout_s must be > 0")
 
 
 @dataclass
@@ -100,8 +97,8 @@ class BatchingConfig:
     """How long the first chat request waits for others to join its batch."""
 
     def __post_init__(self) -> None:
-        _check(self.image_max_batch_size >= 1 and self.text_max_batch_size >= 1, "batch sizes must be >= 1")
-        _check(self.image_batch_wait_s >= 0 and self.text_batch_wait_s >= 0, "batch waits must be >= 0")
+        check(self.image_max_batch_size >= 1 and self.text_max_batch_size >= 1, "batch sizes must be >= 1")
+        check(self.image_batch_wait_s >= 0 and self.text_batch_wait_s >= 0, "batch waits must be >= 0")
 
 
 @dataclass
@@ -134,10 +131,10 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_image_pixels", "max_images_per_request", "max_prompt_chars", "max_n",
                      "max_steps", "max_tokens", "max_output_side"):
-            _check(getattr(self, name) >= 1, f"limits.{name} must be >= 1")
-        _check(self.max_created_images >= 0, "limits.max_created_images must be >= 0")
-        _check(self.remote_image_timeout_s > 0, "limits.remote_image_timeout_s must be > 0")
-        _check(all(isinstance(h, str) and h and "/" not in h for h in self.allowed_image_hosts),
+            check(getattr(self, name) >= 1, f"limits.{name} must be >= 1")
+        check(self.max_created_images >= 0, "limits.max_created_images must be >= 0")
+        check(self.remote_image_timeout_s > 0, "limits.remote_image_timeout_s must be > 0")
+        check(all(isinstance(h, str) and h and "/" not in h for h in self.allowed_image_hosts),
                "limits.allowed_image_hosts must be bare host names, e.g. images.example.com")
 
 
@@ -163,7 +160,7 @@ class HTTPConfig:
     """TCP port."""
 
     def __post_init__(self) -> None:
-        _check(0 < self.port < 65536, f"http.port must be a TCP port, got {self.port}")
+        check(0 < self.port < 65536, f"http.port must be a TCP port, got {self.port}")
 
 
 @dataclass
@@ -182,9 +179,9 @@ class DefaultsConfig:
     """Images the model may create inside a chat answer."""
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1 and self.steps >= 1, "defaults.max_tokens and defaults.steps must be >= 1")
-        _check(self.scheduler in ("ddim", "dpm++"), f"defaults.scheduler must be ddim or dpm++, got {self.scheduler!r}")
-        _check(self.created_images >= 0, "defaults.created_images must be >= 0")
+        check(self.max_tokens >= 1 and self.steps >= 1, "defaults.max_tokens and defaults.steps must be >= 1")
+        check(self.scheduler in ("ddim", "dpm++"), f"defaults.scheduler must be ddim or dpm++, got {self.scheduler!r}")
+        check(self.created_images >= 0, "defaults.created_images must be >= 0")
 
 
 @dataclass
@@ -212,13 +209,13 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         # serve.batch rejects a single item larger than its batch; keep every valid `n` schedulable.
-        _check(self.limits.max_n <= self.batching.image_max_batch_size,
+        check(self.limits.max_n <= self.batching.image_max_batch_size,
                f"limits.max_n ({self.limits.max_n}) must not exceed batching.image_max_batch_size "
                f"({self.batching.image_max_batch_size})")
-        _check(self.defaults.max_tokens <= self.limits.max_tokens, "defaults.max_tokens exceeds limits.max_tokens")
-        _check(self.defaults.steps <= self.limits.max_steps, "defaults.steps exceeds limits.max_steps")
-        _check(self.defaults.created_images <= self.limits.max_created_images,
+        check(self.defaults.max_tokens <= self.limits.max_tokens, "defaults.max_tokens exceeds limits.max_tokens")
+        check(self.defaults.steps <= self.limits.max_steps, "defaults.steps exceeds limits.max_steps")
+        check(self.defaults.created_images <= self.limits.max_created_images,
                "defaults.created_images exceeds limits.max_created_images")
         need = max(self.batching.image_max_batch_size, self.batching.text_max_batch_size)
-        _check(self.model.max_ongoing_requests >= need,
+        check(self.model.max_ongoing_requests >= need,
                f"model.max_ongoing_requests ({self.model.max_ongoing_requests}) must be >= the largest batch ({need})")

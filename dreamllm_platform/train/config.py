@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dreamllm.config import FLAVORS, STAGES
+from dreamllm.config import FLAVORS, STAGES, check
 
 from ..data.config import AssemblyConfig
 from ..storage import StorageConfig
 from ..tracking import TrackingConfig
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 @dataclass
@@ -36,7 +31,7 @@ class ModelSpec:
     """Override the condition dropout for guidance (None keeps the model's)."""
 
     def __post_init__(self) -> None:
-        _check(self.flavor in FLAVORS, f"model.flavor must be one of {', '.join(FLAVORS)}, got {self.flavor!r}")
+        check(self.flavor in FLAVORS, f"model.flavor must be one of {', '.join(FLAVORS)}, got {self.flavor!r}")
 
 
 @dataclass
@@ -63,9 +58,9 @@ class DataSpec:
     """CPUs per Ray Data assembly task; the trainer leaves at least this much free."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.mix) and all(w > 0 for w in self.mix.values()),
+        check(bool(self.mix) and all(w > 0 for w in self.mix.values()),
                "data.mix needs at least one source with a positive weight")
-        _check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
+        check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
 
 
 @dataclass
@@ -80,7 +75,7 @@ class ScalingSpec:
     """CPUs per worker; None: on a CPU cluster, share what Ray Data's tasks leave free."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "scaling.num_workers must be >= 1")
+        check(self.num_workers >= 1, "scaling.num_workers must be >= 1")
 
 
 @dataclass
@@ -99,9 +94,9 @@ class DeepSpeedSpec:
     """ZeRO-Offload of optimizer states to CPU memory."""
 
     def __post_init__(self) -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
-        _check(self.precision in ("auto", "bf16", "fp32"), "deepspeed.precision must be auto, bf16 or fp32")
-        _check(self.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps must be >= 1")
+        check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3")
+        check(self.precision in ("auto", "bf16", "fp32"), "deepspeed.precision must be auto, bf16 or fp32")
+        check(self.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps must be >= 1")
 
 
 @dataclass
@@ -125,10 +120,10 @@ class OptimSpec:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        _check(self.lr > 0, "optim.lr must be > 0")
-        _check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
-        _check(self.schedule in ("cosine", "constant"), "optim.schedule must be cosine or constant")
-        _check(self.max_steps >= 1, "optim.max_steps must be >= 1")
+        check(self.lr > 0, "optim.lr must be > 0")
+        check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
+        check(self.schedule in ("cosine", "constant"), "optim.schedule must be cosine or constant")
+        check(self.max_steps >= 1, "optim.max_steps must be >= 1")
 
 
 @dataclass
@@ -147,7 +142,7 @@ class CheckpointSpec:
     """Where the stage's inference checkpoint goes; default <storage_path>/<run_name>/export."""
 
     def __post_init__(self) -> None:
-        _check(self.every_n_steps >= 1, "checkpoint.every_n_steps must be >= 1")
+        check(self.every_n_steps >= 1, "checkpoint.every_n_steps must be >= 1")
 
 
 @dataclass
@@ -184,11 +179,11 @@ class TrainConfig:
     """Prompts of the logged sample images."""
 
     def __post_init__(self) -> None:
-        _check(self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        check(self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         self.sample_prompts = tuple(self.sample_prompts)
         if self.run_name is None:
             self.run_name = f"dreamllm-{self.stage}-{self.model.flavor}"
-        _check(self.log_every >= 1, "log_every must be >= 1")
+        check(self.log_every >= 1, "log_every must be >= 1")
 
 
 # Each stage's embedded defaults (the paper, Sec. 3.2); YAML and --set go on top.
