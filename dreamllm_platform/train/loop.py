@@ -90,7 +90,10 @@ class MixedBatches:
     """Endless micro-batches: each draw picks a source by its weight, then that source's next batch.
 
     Each source is this worker's shard of a Ray Dataset; when one is used up
-    it starts its next epoch. The draw must be the same on every rank: Ray
+    it starts its next epoch. A micro-batch comes from one source, so batches
+    are modality-homogeneous (documents, pairs or conversations: the purpose of
+    modality-length grouping), and packing into rows of the context length
+    takes the place of grouping by length. The draw must be the same on every rank: Ray
     Data's streaming split feeds all ranks of a dataset in lockstep, so a rank
     reading another source than its peers would stall them.
     """

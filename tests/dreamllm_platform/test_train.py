@@ -91,5 +91,7 @@ def test_a_dead_worker_resumes_from_the_s3_checkpoint_and_resubmission_continues
     again = run_stage(stage_cfg("igpt", workdir, "fault", "optim.max_steps=7", *sets))
     assert again.mlflow_run_id == r.mlflow_run_id  # the same MLflow run goes on
     assert again.metrics["step"] == 7
-    assert [v for _, v in history(cfg, r.mlflow_run_id, "resumed_from_step")] == [2.0, 5.0]
+    # it resumed from step 5; should a worker of this run fail too, Ray restarts it from step 5 again
+    resumes = [v for _, v in history(cfg, r.mlflow_run_id, "resumed_from_step")]
+    assert resumes[0] == 2.0 and len(resumes) >= 2 and set(resumes[1:]) == {5.0}, resumes
     assert client(cfg.tracking).get_run(r.mlflow_run_id).info.status == "FINISHED"

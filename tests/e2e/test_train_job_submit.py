@@ -41,11 +41,17 @@ def head(tmp_path):
     env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=short_tmp, HF_HUB_OFFLINE="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     gcs, dash = free_port(), free_port()
+    # Every port the head would take by default (agent, metrics, runtime env, client) is chosen
+    # free: the test session's own Ray already holds the defaults, and the head's raylet exits
+    # when its dashboard agent cannot bind.
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--ray-client-server-port={free_port()}"]
     # `--block` in a session of its own: teardown stops exactly this cluster (`ray stop` would stop
     # every Ray on the machine, the test session's own included).
     proc = subprocess.Popen([ray_bin(), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={short_tmp}"],
+                             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={short_tmp}", *ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -71,7 +77,7 @@ def test_ray_job_submit_runs_the_igpt_job_to_completion(head, tmp_path):
             "tracking.sample_images=0", f"data.store={tmp_path}/store", f"data.precompute_config={tmp_path}/precompute.yaml",
             f"checkpoint.storage_path={tmp_path}/ray", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     args = [a for s in sets for a in ("--set", s)]
-    for _ in range(30):
+    for _ in range(15):
         r = subprocess.run([ray_bin(), "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--",
                             "python", "jobs/igpt.py", *args], env=env, capture_output=True, text=True, timeout=900)
         out = r.stdout + r.stderr
