@@ -20,7 +20,7 @@ import torch
 
 from dreamllm.config import get_flavor
 from dreamllm.generation import ImageSampling, text_to_image
-from dreamllm.model import OWN_PARAMS, DreamLLM
+from dreamllm.model import DreamLLM
 
 from .. import storage
 from ..checkpoints import export_checkpoint, load_model

@@ -5,7 +5,6 @@ finish, and compared byte for byte with an uninterrupted run; a third run is a n
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
