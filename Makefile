@@ -1,4 +1,4 @@
-# The two commands a newcomer types (see README.md): `make demo` and `make test`.
+# The two commands a newcomer types (see README.md): `make pipeline` and `make test`.
 # Each creates the virtual environment on first use (pinned CPU stack, ~2-3 min).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv pipeline demo test bench clean
 
 venv: $(BIN)/.installed
 
@@ -24,6 +24,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	@mkdir -p .tmp .cache
 	touch $@
+
+pipeline: venv
+	@mkdir -p .tmp
+	$(BIN)/python jobs/pipeline.py
 
 demo: venv
 	@mkdir -p .tmp

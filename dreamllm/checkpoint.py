@@ -9,8 +9,10 @@ Owns: saving and loading an inference checkpoint, a directory holding
   tokenizer/             the tokenizer with DreamLLM's tokens (exact ids)
   llm/                   the LLM (save_pretrained) when it was trained or has
                          no pretrained source
-  vision/, diffusion/    random-init or locally trained frozen parts, in the
-                         HF/diffusers layouts, when they have no pretrained source
+  vision/, diffusion/    frozen parts, in the HF/diffusers layouts, unless their
+                         source is an HF id: random-init ones and ones loaded from a
+                         local directory (e.g. a decoder trained by the platform) are
+                         copied in, so the checkpoint loads on any machine
 Loading reads exactly what saving wrote and gives identical outputs.
 Object-storage URIs are copied to a local directory by the platform first.
 """
@@ -36,7 +38,8 @@ def save_checkpoint(model: DreamLLM, path: str | Path, metadata: dict | None = N
     """Write `model` to directory `path` (created); returns the path.
 
     The LLM is written when its stage trained it or it has no pretrained
-    source; frozen parts are written only when they have no pretrained source.
+    source; frozen parts are written unless they come from an HF id (a local
+    directory would not exist where the checkpoint is loaded).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -44,10 +47,10 @@ def save_checkpoint(model: DreamLLM, path: str | Path, metadata: dict | None = N
     if model.llm_trainable or not cfg.llm.name_or_path:
         model.llm.save_pretrained(path / "llm")
         cfg.llm.name_or_path = "llm"
-    if not cfg.vision.name_or_path:
+    if _not_from_hub(cfg.vision.name_or_path):
         model.vision.save_pretrained(path / "vision")
         cfg.vision.name_or_path = "vision"
-    if not cfg.diffusion.name_or_path:
+    if _not_from_hub(cfg.diffusion.name_or_path):
         for part in ("unet", "vae"):
             getattr(model, part).save_pretrained(path / "diffusion" / part)
         model.noise_scheduler.save_pretrained(path / "diffusion" / "scheduler")
@@ -60,6 +63,11 @@ def save_checkpoint(model: DreamLLM, path: str | Path, metadata: dict | None = N
         "format_version": FORMAT_VERSION, "stage": model.stage, "llm_trained": model.llm_trainable,
         "config": cfg.to_dict(), "metadata": metadata or {}}, indent=2))
     return path
+
+
+def _not_from_hub(source: str | None) -> bool:
+    """True for a part built from random weights or loaded from a local directory (not an HF id)."""
+    return not source or Path(source).is_dir()
 
 
 def read_checkpoint_info(path: str | Path) -> dict:

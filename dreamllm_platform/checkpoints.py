@@ -2,21 +2,30 @@
 
 Owns: turning a reference (a local path, `file://`, `s3://`, or a registry
 `models:/NAME@ALIAS`) into a local checkpoint directory and a loaded
-`DreamLLM`, and exporting a model to a URI. Training (a stage's start and
-end), evaluation, the registry and serving all go through here; the format
-itself is `dreamllm.checkpoint`.
+`DreamLLM`, exporting a model to a URI, and the model config of a fresh
+flavor whose image decoder was trained by jobs/pretrain_decoder.py
+(`flavor_config`: the decoder directory, local or remote, becomes a local
+directory the diffusers loaders read). Training (a stage's start and end),
+the latent precompute, evaluation, the registry and serving all go through
+here; the checkpoint format itself is `dreamllm.checkpoint`.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from dreamllm.checkpoint import load_checkpoint, save_checkpoint
+from dreamllm.config import DreamLLMConfig, get_flavor
 
 from . import storage
+from .storage import StorageConfig
 from .tracking import TrackingConfig, resolve_model_ref
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-checkpoints"
+DECODER_CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-decoders"
+DECODER_FILE = "decoder.json"
+"""Written last into a decoder directory by jobs/pretrain_decoder.py: without it the directory is unfinished."""
 
 
 def local_checkpoint(ref: str, tracking: TrackingConfig | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -37,6 +46,36 @@ def export_checkpoint(model, uri: str, metadata: dict | None = None) -> str:
         return uri
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, tmp, metadata)
-        fs, path = storage.fsspec_fs(uri)
-        fs.put(f"{tmp}/", path, recursive=True)
+        storage.upload_dir(tmp, uri)
     return uri
+
+
+def read_decoder_info(uri: str, st: StorageConfig | None = None) -> dict | None:
+    """The `decoder.json` of the decoder directory at `uri` (export id, flavor, config hash, metrics, MLflow
+    run), or None when it has none: not a decoder, or its training has not finished."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(uri, DECODER_FILE), st))
+    except FileNotFoundError:
+        return None
+
+
+def flavor_config(flavor: str, decoder: str | None = None, st: StorageConfig | None = None,
+                  cache_dir: str | Path | None = None) -> DreamLLMConfig:
+    """The model config of a fresh `flavor`, with the image decoder trained by jobs/pretrain_decoder.py at
+    `decoder` (local or s3://) in place of the flavor's own; None keeps the flavor's.
+
+    `diffusion.name_or_path` becomes a local directory: remote decoders are downloaded once per node
+    and export (the id in decoder.json), so a decoder retrained at the same URI is fetched again.
+    """
+    cfg = get_flavor(flavor)
+    if not decoder:
+        return cfg
+    info = read_decoder_info(decoder, st)
+    if info is None:
+        raise ValueError(f"{decoder} is not a finished decoder: {DECODER_FILE} is missing "
+                         f"(run jobs/pretrain_decoder.py with output={decoder} first)")
+    if info.get("flavor") != flavor:
+        raise ValueError(f"the decoder at {decoder} was trained for flavor {info.get('flavor')!r}, not {flavor!r}")
+    cache = Path(cache_dir or DECODER_CACHE_DIR) / str(info["id"])
+    cfg.diffusion.name_or_path = str(storage.download_dir(decoder, cache, st))
+    return cfg

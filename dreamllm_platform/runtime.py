@@ -1,12 +1,16 @@
 """Ray runtime: connect to a cluster or start a local Ray, once per process.
 
-Owns: `init_ray()` (the single `ray.init` call of jobs and tests) and
+Owns: `init_ray()` (the single `ray.init` call of jobs and tests),
 `cluster_resources()`, which pipelines use to size actor pools so that read
-tasks are never starved (ENVIRONMENT.md: the 2-CPU actor-pool hang).
+tasks are never starved (ENVIRONMENT.md: the 2-CPU actor-pool hang), and
+`sigterm_raises()`, under which a driver's clean-up runs when the job is stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,3 +50,20 @@ def cluster_resources() -> Resources:
 
     r = ray.cluster_resources()
     return Resources(cpus=float(r.get("CPU", 0.0)), gpus=float(r.get("GPU", 0.0)))
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Turn SIGTERM (`ray job stop`, schedulers) into SystemExit inside the block, so that a driver's
+    `except`/`finally` still closes its MLflow run. A no-op outside the main thread."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_system_exit) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

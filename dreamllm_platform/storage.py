@@ -2,8 +2,9 @@
 
 Owns: parsing a URI into (filesystem, path) for fsspec (s3fs / local), for
 pyarrow and Ray Data (`filesystem=` argument), small whole-object reads and
-writes (atomic on local disks), listing, and downloading a remote directory to
-a local cache (model loading resolves `s3://` checkpoints through it).
+writes (atomic on local disks), listing, uploading a local directory, and
+downloading a remote directory to a local cache (model loading resolves
+`s3://` checkpoints and decoders through it).
 Nothing else in the project opens object storage by hand.
 
 S3 settings come from the standard AWS environment (`AWS_ENDPOINT_URL` or
@@ -95,6 +96,11 @@ def arrow_fs(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSyste
     return pafs.S3FileSystem(**kwargs), f"{p.netloc}{p.path}".rstrip("/")
 
 
+def absolute(uri: str) -> str:
+    """`uri` usable from any process of the cluster: s3:// as is, local paths (and file://) made absolute."""
+    return uri if is_remote(uri) else _local_path(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with '/' (keeps the scheme)."""
     out = str(uri).rstrip("/")
@@ -165,6 +171,16 @@ def list_files(uri: str, suffixes: tuple[str, ...] = (), cfg: StorageConfig | No
     return [_to_uri(p, uri) for p in found]
 
 
+def upload_dir(local: str | Path, uri: str, cfg: StorageConfig | None = None) -> str:
+    """Copy the tree under local directory `local` to `uri` (merged into what is there); returns `uri`."""
+    fs, path = fsspec_fs(uri, cfg)
+    if is_remote(uri):
+        fs.put(f"{local}/", path, recursive=True)
+    else:
+        shutil.copytree(local, path, dirs_exist_ok=True)
+    return uri
+
+
 def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = None) -> Path:
     """A local directory holding the tree at `uri`: local URIs are returned as is; remote ones are
     copied under `cache_dir/<bucket>/<prefix>` once (a `.complete` marker makes re-use safe after a
@@ -199,17 +215,4 @@ def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = No
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"not a directory: {uri}")
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for remote in fs.find(path):
-        local = tmp / Path(remote).relative_to(path)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    (target / ".complete").touch()
     return target

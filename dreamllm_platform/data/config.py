@@ -144,6 +144,13 @@ class SyntheticConfig:
                "synthetic counts must be >= 0")
 
 
+def resolve_uri(data_root: str, uri: str | None) -> str | None:
+    """A source URI resolved against `data_root` (absolute paths, file:// and s3:// stay as they are)."""
+    if uri is None or is_remote(uri) or uri.startswith(("/", "file://")):
+        return uri
+    return join(data_root, uri)
+
+
 def default_sources() -> dict[str, SourceConfig]:
     """The synthetic set's layout (relative to data_root)."""
     return {
@@ -167,6 +174,8 @@ class PrecomputeConfig:
     """Named input data sets; the name prefixes shard ids in the store."""
     output: str = "outputs/latent_store"
     """URI of the latent store (parquet shards + manifest + report)."""
+    decoder: str | None = None
+    """URI of a decoder trained by jobs/pretrain_decoder.py whose VAE encodes the latents; None: the flavor's own."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Record and image filters."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -185,16 +194,26 @@ class PrecomputeConfig:
 
     def source_uri(self, uri: str | None) -> str | None:
         """A source URI resolved against data_root (absolute paths and s3:// stay as they are)."""
-        if uri is None or is_remote(uri) or uri.startswith(("/", "file://")):
-            return uri
-        return join(self.data_root, uri)
+        return resolve_uri(self.data_root, uri)
 
     def shard_config_hash(self, source: SourceConfig) -> str:
-        """Hash of everything that changes a shard's output: format, images location, filters, VAE, CLIP size."""
+        """Hash of everything that changes a shard's output: format, images location, filters, VAE, CLIP size.
+
+        A trained decoder counts by its export id (from its decoder.json), so a store encoded with
+        another VAE, or with a decoder retrained at the same URI, is redone.
+        """
         model = get_flavor(self.flavor)
         relevant = {"format": source.format, "images": self.source_uri(source.images),
                     "filters": {k: v for k, v in dataclasses.asdict(self.filters).items() if k != "sample_keys"},
                     "vae": dataclasses.asdict(model.diffusion), "clip_size": model.vision.image_size}
+        if self.decoder:
+            from ..checkpoints import read_decoder_info
+
+            info = read_decoder_info(self.decoder, self.storage)
+            if info is None:
+                raise ValueError(f"decoder {self.decoder} is not a finished decoder: "
+                                 f"run jobs/pretrain_decoder.py first")
+            relevant["decoder"] = info["id"]
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from dreamllm.config import get_flavor
 
 from .. import storage
 from ..runtime import Resources, cluster_resources, init_ray
+from ..storage import StorageConfig
 from .config import SHARD_SUFFIXES, EncoderConfig, PrecomputeConfig, SourceConfig
 from .filters import Report
 from .shards import ShardReader
@@ -104,7 +105,7 @@ def plan_pool(res: Resources, enc: EncoderConfig) -> PoolPlan:
 
 def read_shard(batch: dict, cfg: PrecomputeConfig):
     """CPU task: one shard row -> blocks of image rows (VAE and CLIP crops), then the shard's 'end' row."""
-    model = get_flavor(cfg.flavor)
+    model = get_flavor(cfg.flavor)  # crop sizes only: a trained decoder keeps the flavor's resolution
     sources = resolved_sources(cfg)
     for shard_id, source, uri in zip(batch["shard_id"], batch["source"], batch["uri"]):
         reader = ShardReader(sources[source], uri, cfg.filters, model.diffusion.resolution,
@@ -134,18 +135,22 @@ class VaeEncoder:
     are identical however Ray Data cuts blocks, on re-runs and resumed runs.
     """
 
-    def __init__(self, flavor: str, batch_size: int, autocast: str, num_threads: int):
+    def __init__(self, flavor: str, decoder: str | None, st: StorageConfig, batch_size: int, autocast: str,
+                 num_threads: int):
         import torch
 
         from dreamllm.components import build_vae
 
+        from ..checkpoints import flavor_config
+
         torch.set_num_threads(num_threads)  # the actor owns a CPU share, not the whole machine
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.vae = build_vae(get_flavor(flavor).diffusion).to(self.device)
+        diffusion = flavor_config(flavor, decoder, st).diffusion  # the trained decoder, fetched on this node
+        self.vae = build_vae(diffusion).to(self.device)
         self.batch_size = batch_size
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast) if self.device == "cuda" else None
-        self.res = get_flavor(flavor).diffusion.resolution
+        self.res = diffusion.resolution
 
     def __call__(self, batch: dict) -> dict:
         from dreamllm.components import encode_latent_dist
@@ -214,7 +219,8 @@ def build_pipeline(cfg: PrecomputeConfig, pending: list[ShardTask], plan: PoolPl
     return ds.map_batches(VaeEncoder, batch_size=cfg.encoder.batch_size,
                           compute=ray.data.ActorPoolStrategy(size=plan.size),
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
-                          fn_constructor_kwargs={"flavor": cfg.flavor, "batch_size": cfg.encoder.batch_size,
+                          fn_constructor_kwargs={"flavor": cfg.flavor, "decoder": cfg.decoder, "st": cfg.storage,
+                                                 "batch_size": cfg.encoder.batch_size,
                                                  "autocast": cfg.encoder.autocast,
                                                  "num_threads": max(1, round(plan.cpus_per_actor))})
 
@@ -229,7 +235,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
         print(f"writing the synthetic data set to {cfg.data_root}")
         write_synthetic(cfg.data_root, cfg.synthetic, cfg.storage)
 
-    model = get_flavor(cfg.flavor)
+    from ..checkpoints import flavor_config  # lazily: read tasks import this module and need no model code
+
+    model = flavor_config(cfg.flavor, cfg.decoder, cfg.storage)  # a decoder that is not there fails here, early
     store = LatentStore(cfg.output, cfg.storage)
     tasks = plan_shards(cfg)
     pending = [t for t in tasks if not store.is_complete(t.shard_id, t.config_hash)]
@@ -241,7 +249,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
         print(f"encoding {len(pending)} shards: {plan.size} VAE actor(s) x {plan.cpus_per_actor:g} CPU "
               f"{plan.gpus_per_actor:g} GPU, read tasks {plan.read_cpus:g} CPU")
         by_id = {t.shard_id: t for t in pending}
-        meta = {"flavor": cfg.flavor, "vae_resolution": model.diffusion.resolution,
+        meta = {"flavor": cfg.flavor, "decoder": cfg.decoder, "vae_resolution": model.diffusion.resolution,
                 "clip_size": model.vision.image_size}
         ds = build_pipeline(cfg, pending, plan)
         images: dict[str, list[dict]] = {}

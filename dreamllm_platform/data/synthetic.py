@@ -76,28 +76,33 @@ class Scene:
 
     def render(self, px: int) -> Image.Image:
         img = Image.new("RGB", (px, px), COLORS[self.background])
-        d = ImageDraw.Draw(img)
         cx, cy = (v * px for v in POSITIONS[self.position])
-        r = SIZES[self.size] * px
-        fill = COLORS[self.color]
-        if self.shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif self.shape == "ring":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r / 3)))
-        elif self.shape == "square":
-            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif self.shape == "triangle":
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        elif self.shape == "diamond":
-            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        elif self.shape == "star":
-            d.regular_polygon((cx, cy, r), 5, fill=fill)  # drawn as a pentagon star-ish marker
-            d.polygon([(cx, cy - r * 1.2), (cx - r * 0.3, cy), (cx + r * 0.3, cy)], fill=fill)
-        else:  # cross
-            w = r / 3
-            d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-            d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        draw_shape(ImageDraw.Draw(img), self.shape, cx, cy, SIZES[self.size] * px, COLORS[self.color])
         return img
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw one of SHAPES centred at (cx, cy) with half-size r pixels: the one drawing of scenes and of the
+    templates `dreamllm_platform.evaluation.scenes` matches created images against."""
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r / 3)))
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "star":
+        d.regular_polygon((cx, cy, r), 5, fill=fill)  # drawn as a pentagon star-ish marker
+        d.polygon([(cx, cy - r * 1.2), (cx - r * 0.3, cy), (cx + r * 0.3, cy)], fill=fill)
+    elif shape == "cross":
+        w = r / 3
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
 
 
 def jpeg(img: Image.Image) -> bytes:

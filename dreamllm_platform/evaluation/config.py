@@ -1,4 +1,5 @@
-"""The evaluation job's config: which model, which held-out set, which metrics and how they are computed."""
+"""Configs of evaluation: the evaluation job (which model, which held-out set, which metrics and how they are
+computed) and the learning check (which held-out scenes, which sampling settings)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -79,3 +80,57 @@ class EvalConfig:
         check(self.text_to_image != 1, "text_to_image must be 0 or >= 2 (FID needs a covariance)")
         check(self.batch_size >= 1 and self.image_steps >= 1 and self.answer_tokens >= 1,
                "batch_size, image_steps and answer_tokens must be >= 1")
+
+
+@dataclass
+class LearningCheckConfig:
+    """The learning check: held-out synthetic scenes asked about and drawn, by a trained and an untrained model."""
+
+    seed: int = 2024
+    """Seed of the held-out scenes (training's synthetic set uses 0, the evaluation set 1000)."""
+    question_scenes: int = 30
+    """Scenes whose image is asked about: one colour, one shape and one position question each."""
+    prompts: int = 30
+    """Scenes whose caption is turned into an image and judged by `evaluation.scenes.describe`."""
+    image_size: int = 64
+    """Side of the question images in pixels (the training set's synthetic.image_size)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the created images."""
+    image_steps: int = 25
+    """Denoising steps of the created images."""
+    image_seed: int = 0
+    """Seed of the created images' noise: prompt i gets image_seed + i, for every model alike."""
+    answer_tokens: int = 8
+    """Tokens the model may answer each question with (greedy)."""
+    batch_size: int = 8
+    """Prompts per text-to-image call."""
+
+    def __post_init__(self) -> None:
+        check(self.question_scenes >= 1 and self.prompts >= 1, "question_scenes and prompts must be >= 1")
+        check(self.image_size >= 16, "image_size must be >= 16")
+        check(self.image_steps >= 1 and self.answer_tokens >= 1 and self.batch_size >= 1,
+              "image_steps, answer_tokens and batch_size must be >= 1")
+
+
+@dataclass
+class LearningJobConfig:
+    """jobs/learning_check.py: which model, where the figures are logged, and the check itself."""
+
+    model: str = "models:/dreamllm@champion"
+    """The trained model: a registry reference or a checkpoint URI."""
+    run_id: str | None = None
+    """MLflow run to log on; default: the run that trained the model (the registry version's run, else the
+    checkpoint's metadata.mlflow_run_id), or a new run `learning-check-<flavor>` when neither is in this store."""
+    check: LearningCheckConfig = field(default_factory=LearningCheckConfig)
+    """Scenes, prompts and sampling settings."""
+    logged_images: int = 8
+    """Created images kept per model (trained and untrained), as run artifacts and under `output`."""
+    output: str | None = None
+    """Also write the table, details and images under this URI (local dir or s3://); None: the run only."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint/region of `output` (default: the AWS environment)."""
+
+    def __post_init__(self) -> None:
+        check(self.logged_images >= 0, "logged_images must be >= 0")

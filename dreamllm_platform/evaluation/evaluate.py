@@ -71,23 +71,38 @@ def validation_losses(model, pairs, batch_size: int, seed: int) -> dict[str, flo
     return {"val_loss_lm": lm_sum / max(lm_tokens, 1), "val_loss_diffusion": diff_sum / max(diff_n, 1)}
 
 
-def qa_exact_match(model, qa, answer_tokens: int) -> float:
-    """Fraction of questions whose greedy answer equals the reference after normalisation."""
+def answer_question(model, image, question: str, answer_tokens: int) -> str:
+    """The model's greedy answer (its text parts joined) to one question about one image."""
     from dreamllm.generation import TextSampling, chat
     from dreamllm.sequence import Image, Text, Turn
 
     sampling = TextSampling(max_new_tokens=answer_tokens, temperature=0.0)
-    hits = 0
-    for image, question, answer in qa:
-        parts = chat(model, [Turn("user", (Image("q"), Text(question)))], {"q": image}, sampling)
-        hits += exact_match(" ".join(p for p in parts if isinstance(p, str)), answer)
+    parts = chat(model, [Turn("user", (Image("q"), Text(question)))], {"q": image}, sampling)
+    return " ".join(p for p in parts if isinstance(p, str))
+
+
+def qa_exact_match(model, qa, answer_tokens: int) -> float:
+    """Fraction of questions whose greedy answer equals the reference after normalisation."""
+    hits = sum(exact_match(answer_question(model, image, question, answer_tokens), answer)
+               for image, question, answer in qa)
     return hits / len(qa)
+
+
+def create_images(model, captions: list[str], guidance_scale: float, steps: int, seed: int,
+                  batch_size: int) -> list:
+    """One image per caption (PIL, the decoder's resolution), `batch_size` captions per call. Caption i
+    always gets seed + i, whatever the batch size (text_to_image seeds image j of a call with seed + j)."""
+    from dreamllm.generation import ImageSampling, text_to_image
+
+    made = []
+    for i in range(0, len(captions), batch_size):
+        made += text_to_image(model, captions[i:i + batch_size],
+                              ImageSampling(guidance_scale=guidance_scale, num_inference_steps=steps, seed=seed + i))
+    return made
 
 
 def text_to_image_metrics(model, pairs, cfg: EvalConfig) -> tuple[dict[str, float], dict[str, str]]:
     """FID (generated vs held-out images) and CLIP score (generated images vs their captions)."""
-    from dreamllm.generation import ImageSampling, text_to_image
-
     f, skipped = cfg.features, {}
     if not f.inception:
         skipped["fid"] = "features.inception is not set"
@@ -99,12 +114,7 @@ def text_to_image_metrics(model, pairs, cfg: EvalConfig) -> tuple[dict[str, floa
     if len(skipped) == 2:
         return {}, skipped
     captions, reals = [c for c, _ in pairs[:n]], [im for _, im in pairs[:n]]
-    made = []
-    for i in range(0, n, cfg.batch_size):
-        # Caption i always gets seed + i, whatever the batch size (text_to_image seeds image j with seed + j).
-        made += text_to_image(model, captions[i:i + cfg.batch_size],
-                              ImageSampling(guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.image_steps,
-                                            seed=cfg.seed + i))
+    made = create_images(model, captions, cfg.guidance_scale, cfg.image_steps, cfg.seed, cfg.batch_size)
     out = {}
     if f.inception:
         net = InceptionFeatures(f.inception, f.inception_size, cfg.storage)

@@ -25,6 +25,9 @@ class ModelSpec:
     """Flavor built when `init_from` is empty: debug, small or 7b."""
     init_from: str | None = None
     """The previous stage's export: a checkpoint URI (local, file://, s3://) or models:/NAME@ALIAS."""
+    decoder: str | None = None
+    """URI of a decoder trained by jobs/pretrain_decoder.py for the fresh flavor; None: the flavor's own.
+    Ignored with `init_from`: a checkpoint carries its decoder."""
     gradient_checkpointing: bool | None = None
     """Override the flavor's gradient checkpointing switch (None keeps it)."""
     condition_dropout: float | None = None

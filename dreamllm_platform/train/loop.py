@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from dreamllm.config import get_flavor
 from dreamllm.generation import ImageSampling, text_to_image
 from dreamllm.model import DreamLLM
 
 from .. import storage
-from ..checkpoints import export_checkpoint, load_model
+from ..checkpoints import export_checkpoint, flavor_config, load_model
 from ..data.assembly import ExampleCollator
 from ..tracking import CHECKPOINT_URI_TAG, RunLogger
 from .config import TrainConfig
@@ -37,7 +36,7 @@ def build_model(cfg: TrainConfig) -> DreamLLM:
     """The stage's starting model (previous export or a fresh flavor) with the stage's freeze policy."""
     m = cfg.model
     model = load_model(m.init_from, tracking=cfg.tracking) if m.init_from else \
-        DreamLLM.from_config(get_flavor(m.flavor))
+        DreamLLM.from_config(flavor_config(m.flavor, m.decoder, cfg.storage))
     if m.condition_dropout is not None:
         model.cfg.condition_dropout = m.condition_dropout
     if m.gradient_checkpointing is not None:

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from dreamllm.checkpoint import read_checkpoint_info
 from dreamllm.config import DreamLLMConfig, get_flavor
 
 from .. import storage
-from ..checkpoints import local_checkpoint
+from ..checkpoints import flavor_config, local_checkpoint
 from ..config import load_config, to_flat_dict
 from ..data.assembly import training_dataset
 from ..data.config import PrecomputeConfig
 from ..data.store import LatentStore
-from ..runtime import cluster_resources, init_ray
+from ..runtime import cluster_resources, init_ray, sigterm_raises
 from ..tracking import end_run, start_or_resume_run, tracking_uri
-from .config import TrainConfig
+from .config import ScalingSpec, TrainConfig
 from .loop import train_loop
 
 FAIL_ENV = "DREAMLLM_FAIL_AT_STEP"
@@ -52,7 +49,7 @@ def model_config_for_data(cfg: TrainConfig) -> DreamLLMConfig:
     corpus, so the flavor's own tokenizer config serves a checkpoint of it too.
     """
     if not cfg.model.init_from:
-        return get_flavor(cfg.model.flavor)
+        return flavor_config(cfg.model.flavor, cfg.model.decoder, cfg.storage)
     info = read_checkpoint_info(local_checkpoint(cfg.model.init_from, cfg.tracking))
     model_cfg = DreamLLMConfig.from_dict(info["config"])
     model_cfg.tokenizer = get_flavor(model_cfg.flavor).tokenizer
@@ -67,39 +64,30 @@ def ensure_store(cfg: TrainConfig, model_cfg: DreamLLMConfig) -> None:
         raise ValueError(f"the latent store {cfg.data.store} is empty: run jobs/precompute_latents.py first")
     from ..data.latents import run_precompute
 
+    decoder = None if cfg.model.init_from else cfg.model.decoder
     pre = load_config(PrecomputeConfig, cfg.data.precompute_config,
-                      [f"flavor={model_cfg.flavor}", f"output={cfg.data.store}"])
+                      [f"flavor={model_cfg.flavor}", f"output={cfg.data.store}", f"decoder={decoder or 'null'}"])
     print(f"[train] the latent store {cfg.data.store} is empty: precomputing it first")
     run_precompute(pre)
 
 
-def scaling_config(cfg: TrainConfig):
-    """Workers with one GPU each on GPU clusters; on CPUs, what Ray Data's tasks leave free."""
+def scaling_config(s: ScalingSpec, data_cpus: float, data_tasks: int = 1):
+    """Workers with one GPU each on GPU clusters; on CPUs, what Ray Data's tasks leave free.
+
+    `data_cpus` is what one Ray Data task takes; `data_tasks` of them should find CPUs beside the workers.
+    """
     from ray.train import ScalingConfig
 
     res = cluster_resources()
-    s = cfg.scaling
     use_gpu = res.gpus >= s.num_workers if s.use_gpu is None else s.use_gpu
     cpus = s.cpus_per_worker
     if cpus is None:
-        free = res.cpus - cfg.data.data_cpus * len(cfg.data.mix)
+        free = res.cpus - data_cpus * data_tasks
         cpus = 1.0 if use_gpu else max(0.25, min(4.0, free / s.num_workers))
-    if not use_gpu and cpus * s.num_workers + cfg.data.data_cpus > res.cpus:
-        raise ValueError(f"{s.num_workers} workers x {cpus} CPUs + {cfg.data.data_cpus} for Ray Data needs more "
+    if not use_gpu and cpus * s.num_workers + data_cpus > res.cpus:
+        raise ValueError(f"{s.num_workers} workers x {cpus} CPUs + {data_cpus} for Ray Data needs more "
                          f"than the cluster's {res.cpus:g} CPUs: lower scaling.cpus_per_worker or num_workers")
     return ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
-
-
-def _absolute(uri: str) -> str:
-    return uri if storage.is_remote(uri) else str(Path(uri.removeprefix("file://")).resolve())
-
-
-def _raise_system_exit(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def run_stage(cfg: TrainConfig) -> StageResult:
@@ -110,12 +98,14 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     init_ray()
     # Workers run elsewhere (another cwd, maybe another node): make local paths absolute.
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-        cfg.checkpoint, storage_path=_absolute(cfg.checkpoint.storage_path),
-        export_uri=_absolute(cfg.checkpoint.export_uri) if cfg.checkpoint.export_uri else None),
-        data=dataclasses.replace(cfg.data, store=_absolute(cfg.data.store)),
+        cfg.checkpoint, storage_path=storage.absolute(cfg.checkpoint.storage_path),
+        export_uri=storage.absolute(cfg.checkpoint.export_uri) if cfg.checkpoint.export_uri else None),
+        data=dataclasses.replace(cfg.data, store=storage.absolute(cfg.data.store)),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri(cfg.tracking)))
     if cfg.model.init_from and not cfg.model.init_from.startswith("models:/"):
-        cfg.model.init_from = _absolute(cfg.model.init_from)
+        cfg.model.init_from = storage.absolute(cfg.model.init_from)
+    if cfg.model.decoder:
+        cfg.model.decoder = storage.absolute(cfg.model.decoder)
 
     model_cfg = model_config_for_data(cfg)
     ensure_store(cfg, model_cfg)
@@ -131,22 +121,18 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "run_id": run_id, "fail_at_step": fail_at},
-        scaling_config=scaling_config(cfg),
+        scaling_config=scaling_config(cfg.scaling, cfg.data.data_cpus, len(cfg.data.mix)),
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
         datasets=datasets)
-    # `ray job stop` and schedulers send SIGTERM: turn it into an exception so the run is closed.
-    previous = signal.signal(signal.SIGTERM, _raise_system_exit) if _main_thread() else None
     try:
-        result = trainer.fit()
+        with sigterm_raises():  # `ray job stop` still closes the run
+            result = trainer.fit()
     except BaseException:
         end_run(cfg.tracking, run_id, "FAILED")
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     end_run(cfg.tracking, run_id, "FINISHED")
     export = cfg.checkpoint.export_uri or storage.join(cfg.checkpoint.storage_path, cfg.run_name, "export")
     return StageResult(run_name=cfg.run_name, mlflow_run_id=run_id, tracking_uri=cfg.tracking.tracking_uri,

@@ -61,14 +61,30 @@ def test_pretrained_components_load_from_local_paths_like_the_7b_flavor(model, c
     for part in ("llm", "vision", "unet", "vae"):
         for (n, p), (_, q) in zip(getattr(model, part).state_dict().items(), getattr(real, part).state_dict().items()):
             assert torch.equal(p, q), f"{part}.{n}"
-    # a stage-I checkpoint of it names the pretrained parts instead of copying them
+    # a stage-I checkpoint of it names the untrained LLM instead of copying it; frozen parts from
+    # local directories are copied in (they would not exist where the checkpoint is loaded)
     real.set_stage("align")
     save_checkpoint(real, tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt" / "llm").exists() and not (tmp_path / "ckpt" / "diffusion").exists()
+    assert not (tmp_path / "ckpt" / "llm").exists()
+    assert (tmp_path / "ckpt" / "diffusion" / "vae").is_dir() and (tmp_path / "ckpt" / "vision").is_dir()
     info = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert info["config"]["llm"]["name_or_path"] == str(tmp_path / "vicuna")
+    assert (info["config"]["diffusion"]["name_or_path"], info["config"]["vision"]["name_or_path"]) == ("diffusion", "vision")
     again = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(again.dream_queries, real.dream_queries)
+    for part in ("vision", "unet", "vae"):
+        for (n, p), (_, q) in zip(getattr(real, part).state_dict().items(), getattr(again, part).state_dict().items()):
+            assert torch.equal(p, q), f"{part}.{n}"
+
+
+def test_hub_ids_are_named_not_copied(model, cfg, tmp_path):
+    d = cfg.to_dict()
+    d["diffusion"]["name_or_path"] = "stabilityai/stable-diffusion-2-1-base"  # as the 7b flavor: an HF id
+    model.cfg = DreamLLMConfig.from_dict(d)  # a fresh model per test: nothing else sees this
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "diffusion").exists()
+    info = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert info["config"]["diffusion"]["name_or_path"] == "stabilityai/stable-diffusion-2-1-base"
 
 
 def test_loading_something_else_fails_clearly(tmp_path):
