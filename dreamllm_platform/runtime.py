@@ -3,7 +3,8 @@
 Owns: `init_ray()` (the single `ray.init` call of jobs and tests),
 `cluster_resources()`, which pipelines use to size actor pools so that read
 tasks are never starved (ENVIRONMENT.md: the 2-CPU actor-pool hang), and
-`sigterm_raises()`, under which a driver's clean-up runs when the job is stopped.
+`sigterm_raises()`, under which a driver's clean-up runs when the job is stopped,
+and `serve_until_stopped()` for jobs whose local Ray must outlive their API.
 """
 from __future__ import annotations
 
@@ -67,3 +68,15 @@ def sigterm_raises():
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def serve_until_stopped() -> None:
+    """Block until SIGINT or SIGTERM, then shut Ray Serve down: a local Ray (and the API on it) lives
+    only as long as the job's process."""
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()

@@ -39,17 +39,10 @@ def main(argv=None) -> int:
         print("\nLearning check (held-out scenes; trained vs untrained):")
         print(r.results["learning"]["table"])
     if cfg.keep_serving and r.api:
-        import signal
-        import threading
+        from dreamllm_platform.runtime import serve_until_stopped
 
         print(f"\nserving at {r.api} until Ctrl-C")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        from ray import serve
-
-        serve.shutdown()
+        serve_until_stopped()
     return 0
 
 

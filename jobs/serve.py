@@ -8,9 +8,7 @@ local Ray ends with it; on a cluster it deploys and exits, and the application
 keeps running there (`serve status`, `serve shutdown` manage it).
 """
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under --working-dir
@@ -23,7 +21,7 @@ def main(argv=None) -> int:
     cfg = parse_job_args(ServeConfig, argv, "Serve DreamLLM with an OpenAI-compatible API")
     from ray import serve
 
-    from dreamllm_platform.runtime import init_ray
+    from dreamllm_platform.runtime import init_ray, serve_until_stopped
     from dreamllm_platform.serving.app import build_app, check_model_ref
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
@@ -39,11 +37,7 @@ def main(argv=None) -> int:
     print(f"serving {cfg.model.uri} as '{cfg.model.name}' at http://{cfg.http.host}:{cfg.http.port}/v1 "
           f"(app '{cfg.app_name}')", flush=True)
     if not on_cluster:  # the local Ray (and the API) live as long as this process: serve until stopped
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        serve.shutdown()
+        serve_until_stopped()
     return 0
 
 
