@@ -131,7 +131,7 @@ def main():
     rows = rows[: args.batch * (args.steps + 1)]
     S = model_cfg.vision.image_size
     # The online path starts from JPEG bytes of each dream image (the store keeps its CLIP crop;
-    # at the small flavor the CLIP and VAE sizes are both 64 px, so this is the same image).
+    # at the small flavor the CLIP and VAE sizes are both 32 px, so this is the same image).
     store = LatentStore(cfg.output)
     online = {k: jpeg(Image.fromarray(np.frombuffer(b, np.uint8).reshape(S, S, 3)))
               for sid in store.manifest() for k, b in zip(*store.read_latents(sid).select(["sha256", "clip_u8"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
 from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
@@ -130,6 +131,38 @@ def encode_latent_dist(vae: AutoencoderKL, pixels_B3HW: torch.Tensor) -> tuple[t
     """
     dist = vae.encode(pixels_B3HW.to(vae.dtype)).latent_dist
     return dist.mean, dist.logvar
+
+
+def denoising_loss(unet, scheduler, x0_BChw: torch.Tensor, cond_BLD: torch.Tensor, prediction_type: str,
+                   timestep_power: float = 1.0, snr_gamma: float | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, plain MSE) of the UNet's noise (or v) prediction on scaled latents `x0_BChw`
+    noised by `scheduler` at random timesteps, conditioned on `cond_BLD`.
+
+    Timesteps are uniform over the scheduler's steps (SD's and the paper's draw) when `timestep_power` is 1,
+    else T * u**(1 / timestep_power) with u uniform, whose density grows with the noise level: on small
+    latents the layout (colour, place) only depends on the condition at the noisiest steps. `snr_gamma`
+    applies min-SNR-gamma weighting (Hang et al. 2023; diffusers' --snr_gamma); None: plain MSE.
+    """
+    B, T = x0_BChw.shape[0], scheduler.config.num_train_timesteps
+    noise = torch.randn(x0_BChw.shape, generator=generator, device=x0_BChw.device)
+    if timestep_power == 1.0:
+        t = torch.randint(0, T, (B,), generator=generator, device="cpu")
+    else:
+        u = torch.rand(B, generator=generator, device="cpu")
+        t = (T * u ** (1.0 / timestep_power)).long().clamp(max=T - 1)
+    t = t.to(x0_BChw.device)
+    noisy = scheduler.add_noise(x0_BChw, noise, t)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0_BChw, noise, t)
+    dtype = next(unet.parameters()).dtype
+    pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond_BLD.to(dtype)).sample
+    mse_B = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return mse_B.mean(), mse_B.mean().detach()
+    alpha_bar = scheduler.alphas_cumprod.to(x0_BChw.device)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = torch.clamp(snr, max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    return (mse_B * weight).mean(), mse_B.mean().detach()
 
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -13,6 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+VICUNA_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                        "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+"""Vicuna v1.1's system prompt, the chat template of the paper's model."""
+
 STAGES = ("align", "igpt", "sft")
 """Training stages of the paper (Sec. 3.2): I alignment, II I-GPT pretraining, III SFT."""
 
@@ -97,6 +101,11 @@ class DiffusionConfig:
     """Diffusion steps of the training scheduler; training timesteps are uniform over them."""
     prediction_type: str = "epsilon"
     """What the UNet predicts: 'epsilon' (SD 2.1-base) or 'v_prediction'."""
+    timestep_power: float = 1.0
+    """Training timesteps are T * u**(1 / timestep_power), u uniform: 1 is the paper's uniform draw; 2 makes
+    their density grow with the noise level, where a small decoder's layout depends on the condition."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma weighting of the training diffusion loss (Hang et al. 2023); None: the paper's plain MSE."""
     seed: int = 2
     """Seed of the random init."""
 
@@ -105,6 +114,8 @@ class DiffusionConfig:
         self.vae_channels = tuple(self.vae_channels)
         check(self.prediction_type in ("epsilon", "v_prediction"),
                f"diffusion.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        check(self.timestep_power > 0, "diffusion.timestep_power must be > 0")
+        check(self.snr_gamma is None or self.snr_gamma > 0, "diffusion.snr_gamma must be > 0 or None")
         check(self.resolution % 2 ** (len(self.vae_channels) - 1) == 0,
                "diffusion.resolution must be divisible by the VAE downsampling factor")
 
@@ -184,6 +195,9 @@ class DreamLLMConfig:
     """Probability of replacing an image's condition by the unconditional one in training (for guidance)."""
     gradient_checkpointing: bool = False
     """Recompute LLM and UNet activations in backward to save memory."""
+    system_prompt: str = VICUNA_SYSTEM_PROMPT
+    """First line of every chat (Vicuna v1.1's template); the random-init flavors use a short one: a long
+    fixed prefix in front of the image slows a from-scratch LLM learning to read it several-fold."""
 
     def __post_init__(self) -> None:
         check(self.num_dream_queries >= 1, "num_dream_queries must be >= 1")
@@ -238,21 +252,33 @@ def from_dict(cls: type, d: Any, where: str = ""):
 
 # ----------------------------------------------------------------------------- flavors
 
+SHORT_SYSTEM_PROMPT = "A chat about pictures."
+"""The system prompt of the random-init flavors (debug, small)."""
+
+
 def _debug() -> DreamLLMConfig:
     """Unit tests: 2-layer width-64 LLM, 32 px CLIP and SD, 4 dream queries; seconds on a CPU."""
-    return DreamLLMConfig(flavor="debug")
+    return DreamLLMConfig(flavor="debug", system_prompt=SHORT_SYSTEM_PROMPT)
 
 
 def _small() -> DreamLLMConfig:
-    """The CPU demo: large enough to learn the bundled coloured-shapes task in minutes on 2 cores."""
+    """The CPU demo: large enough to learn the bundled coloured-shapes task in minutes on 2 cores.
+
+    Images are 32 px (the synthetic shapes stay legible: `evaluation.scenes.describe` reads 95-100% of them
+    right at 32 px), so the VAE downsamples only 2x and its 16x16 latents keep each shape's outline, and the
+    UNet, the cost of every creation step, stays small. The decoder has no pretrained weights offline: the
+    pipeline trains it first (jobs/pretrain_decoder.py); its loss favours the noisy timesteps, where the
+    created image's colour and place are decided, as the decoder's own pretraining does.
+    """
     return DreamLLMConfig(
         flavor="small",
         llm=LLMConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688, context_length=512),
-        vision=VisionConfig(image_size=64, patch_size=16, hidden_size=128, num_layers=3, num_heads=4),
-        diffusion=DiffusionConfig(resolution=64, cross_attention_dim=128, unet_channels=(64, 128),
-                                  vae_channels=(32, 64, 64)),
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=128, num_layers=3, num_heads=4),
+        diffusion=DiffusionConfig(resolution=32, cross_attention_dim=128, unet_channels=(64, 128),
+                                  vae_channels=(32, 64, 64), timestep_power=2.0, snr_gamma=5.0),
         tokenizer=TokenizerConfig(vocab_size=1024),
         num_dream_queries=8,
+        system_prompt=SHORT_SYSTEM_PROMPT,
     )
 
 

@@ -208,7 +208,8 @@ class DreamLLM(nn.Module):
     def diffusion_loss(self, cond_NQD: torch.Tensor, latents: torch.Tensor | None = None,
                        latent_mean: torch.Tensor | None = None, latent_logvar: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """MSE of the UNet's prediction (epsilon or v) at uniform timesteps, on unscaled VAE latents.
+        """MSE of the UNet's prediction (epsilon or v) on unscaled VAE latents, at the timesteps and with the
+        weighting of `cfg.diffusion` (the paper: uniform timesteps, plain MSE); see `components.denoising_loss`.
 
         Give either a latent sample `latents` (N, C, h, w) or the posterior
         `latent_mean`/`latent_logvar`, from which a fresh sample is drawn.
@@ -220,15 +221,10 @@ class DreamLLM(nn.Module):
         if latents.shape[0] != cond_NQD.shape[0]:
             raise ValueError(f"{cond_NQD.shape[0]} dream slots but {latents.shape[0]} target latents")
         x0 = latents.float() * self.vae.config.scaling_factor
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                          generator=generator, device="cpu").to(x0.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        target = noise if self.cfg.diffusion.prediction_type == "epsilon" else \
-            self.noise_scheduler.get_velocity(x0, noise, t)
-        unet_dtype = next(self.unet.parameters()).dtype
-        pred = self.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond_NQD.to(unet_dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+        d = self.cfg.diffusion
+        loss, _ = components.denoising_loss(self.unet, self.noise_scheduler, x0, cond_NQD, d.prediction_type,
+                                            d.timestep_power, d.snr_gamma, generator)
+        return loss
 
     # -------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,

@@ -25,8 +25,6 @@ from .config import DreamLLMConfig
 from .tokenizer import special_ids
 
 IGNORE = -100
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,7 @@ class SequenceBuilder:
         self.max_len = cfg.llm.context_length
         self.num_patches = cfg.vision.num_tokens
         self.num_queries = cfg.num_dream_queries
+        self.system_prompt = cfg.system_prompt
 
     # ------------------------------------------------------------------ chunks
     def _text(self, text: str, learn: bool) -> _Chunk:
@@ -165,14 +164,16 @@ class SequenceBuilder:
             raise ValueError(f"task must be 'comprehension' or 'creation', got {task!r}")
         return self._assemble(chunks)
 
-    def conversation(self, turns: Sequence[Turn], system: str = SYSTEM_PROMPT,
+    def conversation(self, turns: Sequence[Turn], system: str | None = None,
                      add_generation_prompt: bool = False) -> Example:
         """A Vicuna-v1.1 chat: loss on assistant turns (and their </s>) only.
+
+        `system` defaults to the model config's `system_prompt`.
 
         `SYSTEM USER: ... ASSISTANT: ...</s>USER: ...`. With `add_generation_prompt`
         the example ends with an open `ASSISTANT:` for generation.
         """
-        chunks = [self._text(system, False)]
+        chunks = [self._text(self.system_prompt if system is None else system, False)]
         for turn in turns:
             if turn.role not in ("user", "assistant"):
                 raise ValueError(f"turn role must be 'user' or 'assistant', got {turn.role!r}")

@@ -62,7 +62,8 @@ def read_decoder_info(uri: str, st: StorageConfig | None = None) -> dict | None:
 def flavor_config(flavor: str, decoder: str | None = None, st: StorageConfig | None = None,
                   cache_dir: str | Path | None = None) -> DreamLLMConfig:
     """The model config of a fresh `flavor`, with the image decoder trained by jobs/pretrain_decoder.py at
-    `decoder` (local or s3://) in place of the flavor's own; None keeps the flavor's.
+    `decoder` (local or s3://) in place of the flavor's own, and the CLIP vision tower it trained too (its
+    `vision/`, when there is one); None keeps the flavor's.
 
     `diffusion.name_or_path` becomes a local directory: remote decoders are downloaded once per node
     and export (the id in decoder.json), so a decoder retrained at the same URI is fetched again.
@@ -78,4 +79,7 @@ def flavor_config(flavor: str, decoder: str | None = None, st: StorageConfig | N
         raise ValueError(f"the decoder at {decoder} was trained for flavor {info.get('flavor')!r}, not {flavor!r}")
     cache = Path(cache_dir or DECODER_CACHE_DIR) / str(info["id"])
     cfg.diffusion.name_or_path = str(storage.download_dir(decoder, cache, st))
+    vision = Path(cfg.diffusion.name_or_path) / "vision"
+    if (vision / "config.json").is_file():  # the job also pretrained the flavor's CLIP vision tower
+        cfg.vision.name_or_path = str(vision)
     return cfg

@@ -1,16 +1,21 @@
 """Experiment-config loading: YAML files + `--set dotted.key=value` overrides into typed dataclasses.
 
-Owns: the one config loader of the project and the `--config/--set` argument
-parsing every job shares. The dataclasses themselves live with the component
-they configure; unknown keys are rejected with the valid ones listed
-(`dreamllm.config.from_dict`).
+Owns: the one config loader of the project, the `--config/--set` argument
+parsing every job shares, and the configuration reference (`--help-config`:
+every key of a job with its value and the one-line docstring under its field).
+The dataclasses themselves live with the component they configure; unknown
+keys are rejected with the valid ones listed (`dreamllm.config.from_dict`).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
+import functools
+import inspect
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -85,6 +90,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML experiment config (default: the embedded defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set train.max_steps=20 (repeatable)")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every config key with its value (after --config/--set) and what it means, "
+                             "then exit")
     return parser
 
 
@@ -94,9 +102,58 @@ def parse_job_args(cls: type[T], argv: Sequence[str] | None, description: str,
     parser = add_config_args(argparse.ArgumentParser(description=description))
     args = parser.parse_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides, base)
+        cfg = load_config(cls, args.config, args.overrides, base)
     except ValueError as e:
         parser.exit(2, f"config error: {e}\n")
+    if args.help_config:
+        print(config_reference(cfg))
+        parser.exit(0)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (litgpt style), by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) and \
+                isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config_reference(cfg: Any, prefix: str = "") -> str:
+    """One line per key of the (nested) dataclass `cfg`: `dotted.key: value  # docstring`, sections first
+    named by their own docstring."""
+    lines = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, key, doc = getattr(cfg, f.name), prefix + f.name, docs.get(f.name, "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{key}:  # {doc}" if doc else f"{key}:")
+            lines.append(config_reference(value, key + "."))
+        elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+            lines.append(f"{key}:  # {doc}" if doc else f"{key}:")
+            lines += [config_reference(v, f"{key}.{name}.") for name, v in value.items()]
+        else:
+            shown = yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6).strip()
+            shown = shown.removesuffix("\n...").removesuffix(" ...").strip()
+            lines.append(f"{key}: {shown}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(line for line in lines if line)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as YAML-safe data (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:

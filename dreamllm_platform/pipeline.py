@@ -7,7 +7,7 @@ output is. Each step is the library call behind its own job, so a step can
 also be run alone (`jobs/<step>.py`) with the config this module derives:
 
   synthetic  -> jobs/make_synthetic_data.py   the coloured-shapes set in the real formats
-  decoder    -> jobs/pretrain_decoder.py      SD-style VAE + UNet pretraining (the small flavors have none)
+  decoder    -> jobs/pretrain_decoder.py      SD-style VAE + UNet and CLIP vision pretraining (the small flavors have none)
   latents    -> jobs/precompute_latents.py    the latent store, encoded with the trained VAE
   align, igpt, sft -> jobs/{align,igpt,sft}.py  the paper's three stages, each from the previous export
   register, evaluate, promote -> jobs/{register,evaluate,promote}.py  candidate -> champion through the gate
@@ -128,9 +128,16 @@ def resolved_tracking(cfg: PipelineConfig) -> TrackingConfig:
 # small flavor's LLM starts from random weights, so stages II and III use learning rates for
 # training from scratch rather than the paper's (2e-5 / 4e-5 fine-tune a pretrained Vicuna).
 STAGE_SETTINGS: dict[str, dict] = {
-    "align": {"optim": {"lr": 2e-3, "max_steps": 150}, "data": {"micro_batch_size": 16}},
-    "igpt": {"optim": {"lr": 6e-4, "max_steps": 200}, "data": {"micro_batch_size": 8}},
-    "sft": {"optim": {"lr": 4e-4, "max_steps": 200}, "data": {"micro_batch_size": 16}},
+    "align": {"optim": {"lr": 2e-3, "max_steps": 200}, "data": {"micro_batch_size": 16}},
+    # Pairs-heavy, at a high rate: the from-scratch LLM predicts captions from the words alone for a couple
+    # of hundred steps before it starts reading the picture before them.
+    "igpt": {"optim": {"lr": 1e-3, "max_steps": 250, "schedule": "constant"},
+             "data": {"micro_batch_size": 8, "mix": {"mmc4": 1.0, "laion": 3.0}}},
+    # A gentler rate (1e-3 here made it forget how captions become images), with stage II's creation pairs
+    # replayed alongside the instruction documents, whose sentences are not captions.
+    "sft": {"optim": {"lr": 4e-4, "max_steps": 400},
+            "data": {"micro_batch_size": 16, "mix": {"llava": 3.0, "instruct": 1.0, "laion": 1.0},
+                     "assembly": {"record_types": ["conversation", "pair"], "pair_tasks": ["creation"]}}},
 }
 
 
@@ -360,7 +367,7 @@ STEP_FUNCS: dict[str, Callable[[StepConfigs, dict], dict]] = {
     "register": _step_register, "evaluate": _step_evaluate, "promote": _step_promote, "serve": _step_serve,
     "learning": _step_learning}
 STEP_TITLES = {
-    "synthetic": "write the synthetic shards", "decoder": "pretrain the diffusion decoder (VAE + UNet)",
+    "synthetic": "write the synthetic shards", "decoder": "pretrain the frozen towers (VAE, UNet, CLIP vision)",
     "latents": "precompute VAE latents", "align": "stage I: alignment", "igpt": "stage II: I-GPT pretraining",
     "sft": "stage III: SFT", "register": "register the candidate", "evaluate": "evaluate the candidate",
     "promote": "promote through the gate", "serve": "serve and call the API",

@@ -1,4 +1,5 @@
-"""Pretrain the image decoder (SD-style VAE, then UNet + text encoder) of the small or debug flavor.
+"""Pretrain the frozen towers of the small or debug flavor: the image decoder (SD-style VAE, then UNet + text
+encoder) and the CLIP vision tower (contrastive), none of which has pretrained weights offline.
 
     python jobs/pretrain_decoder.py [--config configs/decoder.yaml] [--set flavor=debug] [--set unet.steps=600]
     ray job submit --working-dir . -- python jobs/pretrain_decoder.py --set data_root=s3://bucket/laion \\

@@ -28,15 +28,15 @@ PAIR_FORMATS = ("webdataset", "laion_parquet")
 class VaePhase:
     """Phase 1: the VAE (AutoencoderKL of the flavor's sizes) as an autoencoder, SD-style."""
 
-    steps: int = 500
+    steps: int = 600
     """Optimizer steps."""
-    lr: float = 5e-4
+    lr: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to 0)."""
     warmup_steps: int = 20
     """Steps of linear learning-rate warm-up."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Images per step per worker."""
-    crop: int | None = 32
+    crop: int | None = 16
     """Side of the random square crop trained on (None: whole images). The VAE is convolutional, so it
     learns from crops and encodes whole images; SD trained its VAE on 256-px crops for 512-px use."""
     kl_weight: float = 1e-6
@@ -59,9 +59,9 @@ class VaePhase:
 class UnetPhase:
     """Phase 2: the UNet and the text encoder, jointly, on the frozen VAE's latents (DDPM noise prediction)."""
 
-    steps: int = 300
+    steps: int = 1000
     """Optimizer steps."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak AdamW learning rate of the UNet and the text encoder (linear warm-up, cosine decay to 0)."""
     batch_size: int = 32
     """Images per step per worker."""
@@ -86,6 +86,31 @@ class UnetPhase:
         check(0.0 <= self.caption_dropout < 1.0, "unet.caption_dropout must be in [0, 1)")
         check(self.snr_gamma is None or self.snr_gamma > 0, "unet.snr_gamma must be > 0 or null")
         check(self.timestep_power > 0, "unet.timestep_power must be > 0")
+
+
+@dataclass
+class VisionPhase:
+    """Phase 3: the flavor's CLIP vision tower, trained with CLIP's contrastive objective against a text tower
+    of its own (discarded afterwards), for flavors without a pretrained CLIP offline. DreamLLM keeps it frozen,
+    as the paper keeps CLIP ViT-L frozen: a random tower's patch tokens hold the picture only locally, and a
+    from-scratch LLM spends hundreds of steps learning to find the shape among them."""
+
+    steps: int = 400
+    """Optimizer steps (0: no vision tower is trained; the flavor's random one stays)."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 0)."""
+    batch_size: int = 128
+    """Image-caption pairs per step per worker: the contrastive negatives are the batch's other captions."""
+    warmup_steps: int = 20
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "vision.steps must be >= 0")
+        check(self.batch_size >= 2, "vision.batch_size must be >= 2 (the other pairs are the negatives)")
+        check(self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0,
+               "vision.lr must be > 0, vision.weight_decay and vision.warmup_steps >= 0")
 
 
 @dataclass
@@ -147,7 +172,8 @@ def _default_sources() -> dict[str, SourceConfig]:
 
 @dataclass
 class DecoderConfig:
-    """Pretrain the image decoder (VAE, then UNet + text encoder) of a flavor that has no pretrained one."""
+    """Pretrain the frozen towers of a flavor that has no pretrained ones: the image decoder (VAE, then UNet + text
+    encoder) and the CLIP vision tower."""
 
     flavor: str = "small"
     """Flavor whose decoder sizes are trained: small or debug (7b uses Stable Diffusion 2.1's decoder)."""
@@ -164,6 +190,8 @@ class DecoderConfig:
     """Phase 1: the VAE."""
     unet: UnetPhase = field(default_factory=UnetPhase)
     """Phase 2: the UNet and text encoder."""
+    vision: VisionPhase = field(default_factory=VisionPhase)
+    """Phase 3: the CLIP vision tower (contrastive)."""
     text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
     """Sizes of the text encoder."""
     samples: SampleSpec = field(default_factory=SampleSpec)
@@ -217,7 +245,7 @@ class DecoderConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.vae.steps + self.unet.steps
+        return self.vae.steps + self.unet.steps + self.vision.steps
 
     def source_uris(self) -> dict[str, SourceConfig]:
         """Enabled sources with URIs resolved against data_root."""
@@ -233,6 +261,7 @@ class DecoderConfig:
         sources = {n: dataclasses.asdict(s) for n, s in self.sources.items() if s.enabled}
         relevant = {"flavor": self.flavor, "data_root": self.data_root, "sources": sources,
                     "vae": dataclasses.asdict(self.vae), "unet": dataclasses.asdict(self.unet),
+                    "vision": dataclasses.asdict(self.vision),
                     "text_encoder": dataclasses.asdict(self.text_encoder), "seed": self.seed,
                     "num_workers": self.scaling.num_workers}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""Decoder pretraining on Ray Train: the driver (`run_decoder_pretraining`) and the loop every worker runs.
+"""Pretraining of the frozen towers on Ray Train: the driver (`run_decoder_pretraining`) and the loop every worker runs.
 
 Owns: skipping work that is done (an output whose decoder.json has the same
 config hash), writing the synthetic set when it is missing, the MLflow run
@@ -19,12 +19,18 @@ noised by SD 2.1's training scheduler and the flavor's UNet (built as
 `build_unet` builds it) predicts the noise, conditioned on the last hidden
 state of a small CLIP text encoder trained with it; captions are dropped to
 "" with probability `caption_dropout` for classifier-free guidance.
+Phase 3 (the last vision.steps; none when 0): the flavor's CLIP vision tower,
+built as `build_vision` builds it, learns CLIP's symmetric contrastive loss
+against a text tower of its own (discarded afterwards; the UNet keeps its text
+encoder), so that its patch tokens describe the picture as a pretrained CLIP's do.
 
 The output, in the diffusers Stable Diffusion layout (so
 `DiffusionConfig(name_or_path=<output>)` loads it through build_vae,
 build_unet and build_train_scheduler, and `StableDiffusionPipeline` loads it
 whole): model_index.json, vae/, unet/, scheduler/ (the training DDPM
-schedule), text_encoder/, tokenizer/, samples/*.png, and decoder.json
+schedule), text_encoder/, tokenizer/, vision/ (the CLIP vision tower, which
+`dreamllm_platform.checkpoints.flavor_config` puts in the model too),
+samples/*.png, and decoder.json
 (a unique id of this export, flavor, config hash, metrics, MLflow run)
 written last: without it the directory is not a finished decoder.
 
@@ -51,9 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamllm.components import (build_sampler, build_train_scheduler, build_unet, build_vae, encode_latent_dist,
-                                  sample_latents)
+from dreamllm.components import (build_sampler, build_train_scheduler, build_unet, build_vae, build_vision,
+                                  denoising_loss, encode_latent_dist, sample_latents)
 from dreamllm.config import DiffusionConfig, get_flavor
+from dreamllm.images import CLIP_MEAN, CLIP_STD
 from dreamllm.tokenizer import build_tokenizer
 
 from .. import storage
@@ -119,8 +126,8 @@ class VaeObjective(nn.Module):
 
 
 class DiffusionObjective(nn.Module):
-    """Phase 2's loss: the UNet's noise (or v) prediction MSE, min-SNR weighted, at timesteps drawn with
-    density growing as t**(timestep_power - 1)."""
+    """Phase 2's loss: `dreamllm.components.denoising_loss` of the UNet conditioned on the text encoder's last
+    hidden state (min-SNR weighted, timesteps drawn with density growing as t**(timestep_power - 1))."""
 
     def __init__(self, unet, text_encoder, scheduler, prediction_type: str, snr_gamma: float | None,
                  timestep_power: float = 1.0):
@@ -130,21 +137,37 @@ class DiffusionObjective(nn.Module):
 
     def forward(self, latents_BChw: torch.Tensor, ids_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimise, plain MSE for logging) of scaled latents and caption token ids."""
-        B, T = latents_BChw.shape[0], self.scheduler.config.num_train_timesteps
-        noise = torch.randn_like(latents_BChw)
-        u = torch.rand(B, device=latents_BChw.device)
-        t = (T * u ** (1.0 / self.timestep_power)).long().clamp(max=T - 1)
-        noisy = self.scheduler.add_noise(latents_BChw, noise, t)
         cond_BLD = self.text_encoder(ids_BL).last_hidden_state
-        pred = self.unet(noisy, t, encoder_hidden_states=cond_BLD).sample
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents_BChw, noise, t)
-        mse_B = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.snr_gamma is None:
-            return mse_B.mean(), mse_B.mean().detach()
-        alpha_bar = self.scheduler.alphas_cumprod.to(latents_BChw.device)[t]
-        snr = alpha_bar / (1 - alpha_bar)
-        weight = torch.clamp(snr, max=self.snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1)
-        return (mse_B * weight).mean(), mse_B.mean().detach()
+        return denoising_loss(self.unet, self.scheduler, latents_BChw, cond_BLD, self.prediction_type,
+                              self.timestep_power, self.snr_gamma)
+
+
+class ContrastiveObjective(nn.Module):
+    """Phase 3's loss: CLIP's symmetric InfoNCE between the vision tower's pooled output (projected to the text
+    width) and the text tower's, at a learned temperature; also returns in-batch image->caption accuracy."""
+
+    def __init__(self, vision, text_tower, width: int):
+        super().__init__()
+        self.vision, self.text_tower = vision, text_tower
+        self.projection = nn.Linear(vision.config.hidden_size, width, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # CLIP starts at 1 / 0.07; smaller is steadier here
+
+    def forward(self, pixels_B3SS: torch.Tensor, ids_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img = F.normalize(self.projection(self.vision(pixels_B3SS).pooler_output), dim=-1)
+        txt = F.normalize(self.text_tower(ids_BL).pooler_output, dim=-1)
+        logits = img @ txt.t() * self.log_scale.exp().clamp(max=100.0)
+        labels = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        return loss, (logits.argmax(1) == labels).float().mean().detach()
+
+
+def clip_input(pixels_B3HW: torch.Tensor, size: int) -> torch.Tensor:
+    """VAE-range pixels in [-1, 1] as CLIP input at `size` (the arithmetic of dreamllm.images.clip_pixels)."""
+    x = (pixels_B3HW + 1) / 2
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean.to(x.device)) / std.to(x.device)
 
 
 def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
@@ -279,6 +302,7 @@ def train_loop(config: dict) -> None:
     run = _Worker(config)
     run.train_vae()
     run.train_unet()
+    run.train_vision()
     run.finish()
 
 
@@ -297,7 +321,8 @@ class _Worker:
         torch.set_num_threads(max(1, min(config.get("threads", 1), os.cpu_count() or 1)))
         flavor = get_flavor(cfg.flavor)
         self.d: DiffusionConfig = flavor.diffusion
-        self.V, self.U = cfg.vae.steps, cfg.unet.steps
+        self.V, self.U, self.C = cfg.vae.steps, cfg.unet.steps, cfg.vision.steps
+        self.total = self.V + self.U + self.C
 
         # Every rank builds the same initial weights (the builders are seeded).
         self.tokenizer = build_tokenizer(flavor.tokenizer)
@@ -311,18 +336,25 @@ class _Worker:
             torch.manual_seed(cfg.seed + 3)
             self.text_encoder = build_text_encoder(cfg.text_encoder, self.d.cross_attention_dim, self.tokenizer)
         self.scheduler = build_train_scheduler(self.d)
+        self.vision_cfg = flavor.vision
+        self.vision = build_vision(flavor.vision)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 5)
+            self.clip = ContrastiveObjective(self.vision, build_text_encoder(
+                cfg.text_encoder, self.d.cross_attention_dim, self.tokenizer), self.d.cross_attention_dim)
 
         self.step = 0
         self.state = self._restore()  # sets the step
         self.metrics: dict = dict(self.state.get("metrics", {}))
-        for part in (self.vae, self.unet, self.text_encoder):
+        for part in (self.vae, self.unet, self.text_encoder, self.clip):
             part.to(self.device)
         self.log = RunLogger(cfg.tracking, self.run_id) if self.rank == 0 else None
         if self.rank == 0:
             if self.state:
                 self.log.metrics({"resumed_from_step": self.step}, self.step)
             print(f"[decoder] flavor={cfg.flavor} workers={self.world} device={self.device.type} "
-                  f"threads={torch.get_num_threads()} start_step={self.step} steps: vae {self.V} + unet {self.U}",
+                  f"threads={torch.get_num_threads()} start_step={self.step} steps: vae {self.V} + unet {self.U} "
+                  f"+ vision {self.C}",
                   flush=True)
 
         seed = cfg.seed * 1000 + self.step * 10 + self.rank  # noise and crops differ per rank and after a resume
@@ -352,6 +384,8 @@ class _Worker:
         self.vae.load_state_dict(state["vae"])
         self.unet.load_state_dict(state["unet"])
         self.text_encoder.load_state_dict(state["text_encoder"])
+        if "clip" in state:
+            self.clip.load_state_dict(state["clip"])
         if state["metrics"].get("scaling_factor"):
             self.vae.register_to_config(scaling_factor=state["metrics"]["scaling_factor"])
         return state
@@ -375,6 +409,7 @@ class _Worker:
             if self.rank == 0:
                 torch.save({"step": self.step, "config_hash": self.config_hash, "vae": self.vae.state_dict(),
                             "unet": self.unet.state_dict(), "text_encoder": self.text_encoder.state_dict(),
+                            "clip": self.clip.state_dict(),
                             "optimizer": optimizer.state_dict() if optimizer else None, "metrics": self.metrics,
                             "first_pass_done": self.stream.first_pass_done}, Path(ckpt_dir) / STATE_FILE)
                 checkpoint = Checkpoint.from_directory(ckpt_dir)
@@ -385,7 +420,7 @@ class _Worker:
         values = window.pop(self.world)
         if self.rank == 0:
             shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "images_per_s")
-            print(f"[decoder] {phase} step {self.step}/{self.V + self.U} {shown} lr {lr:.2e} "
+            print(f"[decoder] {phase} step {self.step}/{self.total} {shown} lr {lr:.2e} "
                   f"{values['images_per_s']:.1f} img/s", flush=True)
             self.log.metrics({**{f"{phase}/{k}": v for k, v in values.items()}, "lr": lr}, self.step)
 
@@ -469,6 +504,47 @@ class _Worker:
             if self.step % cfg.checkpoint_every == 0 or self.step == V + U:
                 self.save(optimizer if self.step < V + U else None)
 
+    def train_vision(self) -> None:
+        """Phase 3: steps V+U+1..V+U+C, CLIP's contrastive objective on the vision tower and its text tower."""
+        import ray.train
+
+        cfg, start, C = self.cfg, self.V + self.U, self.C
+        if C == 0 or self.step >= start + C:
+            return
+
+        def tok(captions: list[str]) -> torch.Tensor:
+            return self.tokenizer(captions, padding="max_length", max_length=cfg.text_encoder.max_length,
+                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+        self.clip.train()
+        objective = ray.train.torch.prepare_model(self.clip)
+        params = list(self.clip.parameters())
+        optimizer = self._optimizer(params, cfg.vision.lr, cfg.vision.weight_decay,
+                                    self.state.get("step", 0) <= start)
+        window, tail = _Window(), []
+        while self.step < start + C:
+            lr = cfg.vision.lr * lr_factor(self.step - start, C, cfg.vision.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            pixels, captions = self.stream.take(cfg.vision.batch_size)
+            loss, acc = objective(clip_input(pixels.to(self.device), self.vision_cfg.image_size), tok(captions))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            self.step += 1
+            window.add(len(pixels), loss=loss.item(), retrieval_accuracy=acc.item())
+            tail = (tail + [(loss.item(), acc.item())])[-50:]
+            if self.step % cfg.log_every == 0 or self.step == start + C:
+                self.log_window(window, "vision", lr)
+            if self.step == start + C:
+                loss_sum, acc_sum = _all_reduce([sum(t[0] for t in tail) / len(tail),
+                                                 sum(t[1] for t in tail) / len(tail)], self.world)
+                self.metrics.update({"vision_contrastive_loss": loss_sum / self.world,
+                                     "vision_retrieval_accuracy": acc_sum / self.world})
+            if self.step % cfg.checkpoint_every == 0 or self.step == start + C:
+                self.save(optimizer if self.step < start + C else None)
+
     def finish(self) -> None:
         """Rank 0: samples and their scores, the output directory, and decoder.json last."""
         self.unet.eval()
@@ -477,7 +553,8 @@ class _Worker:
             return
         cfg = self.cfg
         parts = (self.vae, self.text_encoder, self.tokenizer, self.unet)
-        self.metrics.update(_samples_and_export(parts, self.scheduler, cfg, self.log, self.device))
+        vision = self.vision.eval() if self.C else None
+        self.metrics.update(_samples_and_export(parts, self.scheduler, cfg, self.log, self.device, vision))
         self.log.metrics(self.metrics, self.step)
         self.log.tags({DECODER_URI_TAG: cfg.output})
         info = {"id": uuid.uuid4().hex, "flavor": cfg.flavor, "config_hash": self.config_hash,
@@ -509,8 +586,9 @@ def _finish_vae(vae, stream: ImageStream, cfg: DecoderConfig, device, world: int
 
 
 @torch.no_grad()
-def _samples_and_export(parts, scheduler, cfg: DecoderConfig, log: RunLogger, device) -> dict:
-    """Rank 0: sample images (logged, and saved under samples/), their scores, and the decoder's files."""
+def _samples_and_export(parts, scheduler, cfg: DecoderConfig, log: RunLogger, device, vision=None) -> dict:
+    """Rank 0: sample images (logged, and saved under samples/), their scores, and the decoder's files (with
+    `vision/` when a vision tower was trained)."""
     from ..evaluation.scenes import describe
 
     vae, text_encoder, tokenizer, unet = parts
@@ -543,6 +621,8 @@ def _samples_and_export(parts, scheduler, cfg: DecoderConfig, log: RunLogger, de
                        "sample_color_and_position_accuracy": float(np.mean([c and p for c, p in hits]))}
         # The training DDPM schedule is what build_train_scheduler loads; samplers derive from it.
         sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(tmp)
+        if vision is not None:
+            vision.save_pretrained(Path(tmp) / "vision")
         storage.upload_dir(tmp, cfg.output, cfg.storage)
     return metrics
 

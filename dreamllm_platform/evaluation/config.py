@@ -88,9 +88,9 @@ class LearningCheckConfig:
 
     seed: int = 2024
     """Seed of the held-out scenes (training's synthetic set uses 0, the evaluation set 1000)."""
-    question_scenes: int = 30
+    question_scenes: int = 60
     """Scenes whose image is asked about: one colour, one shape and one position question each."""
-    prompts: int = 30
+    prompts: int = 60
     """Scenes whose caption is turned into an image and judged by `evaluation.scenes.describe`."""
     image_size: int = 64
     """Side of the question images in pixels (the training set's synthetic.image_size)."""

@@ -149,3 +149,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(cfg, tok, batch):
         m(**batch, generator=torch.Generator().manual_seed(0)).loss.backward()
         grads.append(m.dream_queries.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_denoising_loss_timestep_draw_and_min_snr_weighting(model):
+    from dreamllm.components import denoising_loss
+
+    unet, sched = model.unet, model.noise_scheduler
+    R, D = model.cfg.diffusion.latent_size, model.cfg.diffusion.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    x0, cond = torch.randn(64, 4, R, R, generator=g), torch.randn(64, 3, D, generator=g)
+    seen = []
+    real_forward = unet.forward
+    unet.forward = lambda sample, t, **kw: (seen.append(t.clone()), real_forward(sample, t, **kw))[1]
+    try:
+        with torch.no_grad():
+            uniform, mse_u = denoising_loss(unet, sched, x0, cond, "epsilon", generator=torch.Generator().manual_seed(1))
+            noisy, _ = denoising_loss(unet, sched, x0, cond, "epsilon", timestep_power=2.0,
+                                      generator=torch.Generator().manual_seed(1))
+            weighted, mse_w = denoising_loss(unet, sched, x0, cond, "epsilon", snr_gamma=5.0,
+                                             generator=torch.Generator().manual_seed(1))
+    finally:
+        unet.forward = real_forward
+    T = sched.config.num_train_timesteps
+    assert all(int(t.min()) >= 0 and int(t.max()) < T for t in seen)
+    # power 2: timestep density grows with t (mean 2T/3 instead of T/2)
+    assert seen[1].float().mean() > seen[0].float().mean() and seen[1].float().mean() > 0.55 * T
+    # the paper's default is plain MSE; min-SNR only down-weights (epsilon: weight = min(snr, 5) / snr <= 1)
+    assert uniform.item() == pytest.approx(mse_u.item())
+    assert torch.equal(seen[0], seen[2]) and mse_w.item() == pytest.approx(mse_u.item())
+    assert weighted.item() < uniform.item()
+    # the model's diffusion loss is this function with its config's draw and weighting
+    model.cfg.diffusion.timestep_power, model.cfg.diffusion.snr_gamma = 2.0, 5.0
+    with torch.no_grad():
+        ref, _ = denoising_loss(unet, sched, x0 * model.vae.config.scaling_factor, cond, "epsilon", 2.0, 5.0,
+                                torch.Generator().manual_seed(4))
+        got = model.diffusion_loss(cond, latents=x0, generator=torch.Generator().manual_seed(4))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)

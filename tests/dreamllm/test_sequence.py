@@ -106,3 +106,19 @@ def test_collate_restarts_positions_per_example_and_orders_images(builder, image
     assert torch.equal(batch["pixel_values"], torch.stack([pixels["a"], pixels["b"]]))
     assert torch.equal(batch["latent_mean"], latents["a"][0][None])
     assert (batch["labels"][0, -3:] == IGNORE).all()
+
+
+def test_the_chat_system_prompt_comes_from_the_model_config(tok, cfg):
+    from dreamllm.config import VICUNA_SYSTEM_PROMPT, DreamLLMConfig, get_flavor
+    from dreamllm.sequence import SequenceBuilder
+
+    assert get_flavor("7b").system_prompt == VICUNA_SYSTEM_PROMPT
+    turns = [Turn("user", (Text("Hi."),))]
+    for prompt in ("A chat about pictures.", VICUNA_SYSTEM_PROMPT):
+        b = SequenceBuilder(tok, DreamLLMConfig.from_dict({**cfg.to_dict(), "system_prompt": prompt}))
+        ex = b.conversation(turns, add_generation_prompt=True)
+        text = tok.decode(ex.input_ids[1:]).strip()
+        assert text.startswith(prompt) and text.endswith("ASSISTANT:")
+    # an explicit system line wins over the config's
+    ex = SequenceBuilder(tok, cfg).conversation(turns, system="Be brief.")
+    assert tok.decode(ex.input_ids[1:]).strip().startswith("Be brief.")

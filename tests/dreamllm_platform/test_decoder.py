@@ -62,6 +62,7 @@ def job(ray_session, s3, tmp_path_factory):
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
             "vae": {"steps": 60, "batch_size": 8, "crop": None, "lr": 2e-3, "warmup_steps": 5, "scaling_images": 12},
             "unet": {"steps": 30, "batch_size": 8, "warmup_steps": 5},
+            "vision": {"steps": 30, "batch_size": 8, "warmup_steps": 5, "lr": 2e-3},
             "samples": {"prompts": ["A large red circle in the center of the image."], "num_inference_steps": 2,
                         "scored": 2}}
     cfg = load_config(DecoderConfig, None, (), base=tree)  # as a job builds it from YAML
@@ -92,15 +93,21 @@ def test_output_loads_through_the_model_builders_and_as_a_pipeline(job):
     image = pipe("A small red circle in the center of the image.", num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
-    for k in ("recon_mse", "diffusion_loss", "sample_color_accuracy", "skipped_images"):
+    for k in ("recon_mse", "diffusion_loss", "sample_color_accuracy", "skipped_images", "vision_retrieval_accuracy"):
         assert k in r.metrics
+    # The trained CLIP vision tower comes with it, and a fresh model of the flavor uses it.
+    from dreamllm.components import build_vision
+    assert model_cfg.vision.name_or_path == str(Path(d.name_or_path) / "vision")
+    trained, random_tower = build_vision(model_cfg.vision), build_vision(get_flavor("debug").vision)
+    assert trained.config.image_size == get_flavor("debug").vision.image_size
+    assert not torch.equal(trained.embeddings.patch_embedding.weight, random_tower.embeddings.patch_embedding.weight)
 
 
 def test_losses_fall_on_a_tiny_set(job):
     _, r, _ = job
     c = client(TrackingConfig(tracking_uri=r.tracking_uri))
     # Means over 10 steps each. The VAE leaves its first plateau (the mean colour, MSE ~0.45) slowly.
-    for key, windows, factor in (("vae/recon_mse", 6, 0.9), ("unet/mse", 3, 0.7)):
+    for key, windows, factor in (("vae/recon_mse", 6, 0.9), ("unet/mse", 3, 0.7), ("vision/loss", 3, 0.9)):
         history = [m.value for m in sorted(c.get_metric_history(r.mlflow_run_id, key), key=lambda m: m.step)]
         assert len(history) == windows and history[-1] < factor * history[0], (key, history)
     assert c.get_run(r.mlflow_run_id).info.status == "FINISHED"

@@ -37,3 +37,28 @@ def test_deepspeed_config_and_schedule():
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up over 10 steps
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0)
+
+
+def test_help_config_prints_every_key_with_its_value_and_meaning(capsys):
+    from dreamllm_platform.config import parse_job_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_job_args(TrainConfig, ["--help-config", "--set", "optim.lr=3e-4"], "test", base=STAGE_DEFAULTS["sft"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "optim.lr: 0.0003  # Peak learning rate (the paper: stage I 2e-3, II 2e-5, SFT 4e-5)." in out
+    assert "stage: sft  # align (I), igpt (II) or sft (III)." in out
+    assert any(line.startswith("data.mix: {instruct: 1.0, llava: 1.0}") for line in out)
+    assert "optim:  # Optimiser and schedule." in out
+    # every leaf key of the config is listed, each with its docstring
+    leaves = [line for line in out if not line.endswith(":") and ":  #" not in line]
+    assert {line.split(":")[0] for line in leaves} == set(_leaf_keys(TrainConfig()))
+    assert all("  # " in line for line in leaves)
+
+
+def _leaf_keys(cfg, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        yield from _leaf_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]

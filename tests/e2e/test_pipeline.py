@@ -28,6 +28,7 @@ QUICK = [
     "synthetic.pairs_per_shard=16", "synthetic.parquet_shards=1", "synthetic.conversations=8",
     "synthetic.instruct_docs=2",
     "decoder.vae.steps=4", "decoder.unet.steps=4", "decoder.vae.batch_size=4", "decoder.unet.batch_size=4",
+    "decoder.vision.steps=4", "decoder.vision.batch_size=4",
     "align.optim.max_steps=3", "igpt.optim.max_steps=3", "sft.optim.max_steps=3",
     "align.data.micro_batch_size=4", "igpt.data.micro_batch_size=4", "sft.data.micro_batch_size=4",
     "align.scaling.num_workers=1", "igpt.scaling.num_workers=1", "sft.scaling.num_workers=1",
