@@ -107,7 +107,8 @@ def training_dataset(store_uri: str, model_cfg: DreamLLMConfig, cfg: AssemblyCon
                      st: StorageConfig | None = None, num_cpus: float = 0.5):
     """A lazy, streaming Ray Dataset of example rows from the committed shards of a latent store.
 
-    Checks that the store was built for this model's VAE resolution and CLIP size.
+    Checks that the store was built for this model's VAE resolution, latent shape and CLIP size (two
+    flavors can share image sizes but not their VAE's downsampling).
     `num_cpus` per assembly task: keep it below what the trainer leaves free, or
     the tasks never schedule (ENVIRONMENT.md). Shuffle with
     `iter_torch_batches(local_shuffle_buffer_size=...)` or `ds.random_shuffle()`.
@@ -121,9 +122,13 @@ def training_dataset(store_uri: str, model_cfg: DreamLLMConfig, cfg: AssemblyCon
         raise ValueError(f"latent store {store_uri} has no committed shards"
                          + (f" of sources {list(cfg.sources)}" if cfg.sources else "")
                          + ": run jobs/precompute_latents.py first")
-    want = {"vae_resolution": model_cfg.diffusion.resolution, "clip_size": model_cfg.vision.image_size}
+    d = model_cfg.diffusion
+    want = {"vae_resolution": d.resolution, "clip_size": model_cfg.vision.image_size,
+            "latent_shape": [d.latent_channels, d.latent_size, d.latent_size]}
     for sid in shards:
         got = {k: manifest[sid].get(k) for k in want}
+        if not got["latent_shape"]:  # a shard without images records no shape
+            got["latent_shape"] = want["latent_shape"]
         if got != want:
             raise ValueError(f"latent store {store_uri} shard {sid} was built for {got}, but the model needs "
                              f"{want}: rerun precompute with this model's flavor")
