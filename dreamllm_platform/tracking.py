@@ -23,7 +23,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 RUN_NAME_TAG = "dreamllm.ray_run_name"
 CHECKPOINT_URI_TAG = "dreamllm.checkpoint_uri"
@@ -99,6 +99,24 @@ def start_or_resume_run(cfg: TrackingConfig, run_name: str, params: Mapping[str,
 def end_run(cfg: TrackingConfig, run_id: str, status: str) -> None:
     """Close a run as FINISHED, FAILED or KILLED."""
     client(cfg).set_terminated(run_id, status=status)
+
+
+@contextmanager
+def run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None) -> Iterator[tuple[str, bool]]:
+    """`with run(cfg, name) as (run_id, resumed):` the run of `start_or_resume_run`, always closed: FINISHED
+    when the block ends, KILLED on Ctrl-C or `ray job stop` (KeyboardInterrupt, SystemExit), FAILED on any
+    other exception (which is re-raised)."""
+    run_id, resumed = start_or_resume_run(cfg, run_name, params=params, tags=tags)
+    try:
+        yield run_id, resumed
+    except (KeyboardInterrupt, SystemExit):
+        end_run(cfg, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(cfg, run_id, "FAILED")
+        raise
+    end_run(cfg, run_id, "FINISHED")
 
 
 class RunLogger:
