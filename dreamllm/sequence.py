@@ -143,10 +143,12 @@ class SequenceBuilder:
         return ex
 
     # ---------------------------------------------------------------- examples
-    def document(self, items: Sequence[Item]) -> Example:
-        """An interleaved document: text learned; each image as dream slot then input block; </s> at the end."""
-        chunks = [self._text(it.text, True) if isinstance(it, Text) else self._dream(it.key, True, True)
-                  for it in items]
+    def document(self, items: Sequence[Item], create_images: bool = True) -> Example:
+        """An interleaved document: text learned; each image as dream slot then input block (DreamLLM's
+        interleaved generative pretraining), or as an input block only with `create_images=False` (the
+        comprehension-only ablation); </s> at the end."""
+        chunks = [self._text(it.text, True) if isinstance(it, Text) else
+                  self._dream(it.key, True, True) if create_images else self._image_input(it.key) for it in items]
         return self._assemble(chunks + [self._special(self.ids.eos, True)])
 
     def pair(self, caption: str, image_key: str, task: Literal["comprehension", "creation"],

@@ -3,7 +3,7 @@
 Owns: turning a reference (a local path, `file://`, `s3://`, or a registry
 `models:/NAME@ALIAS`) into a local checkpoint directory and a loaded
 `DreamLLM`, exporting a model to a URI, and the model config of a fresh
-flavor whose image decoder was trained by jobs/pretrain_decoder.py
+flavor whose image decoder was trained by jobs/pretrain_towers.py
 (`flavor_config`: the decoder directory, local or remote, becomes a local
 directory the diffusers loaders read). Training (a stage's start and end),
 the latent precompute, evaluation, the registry and serving all go through
@@ -25,7 +25,7 @@ from .tracking import TrackingConfig, resolve_model_ref
 CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-checkpoints"
 DECODER_CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-decoders"
 DECODER_FILE = "decoder.json"
-"""Written last into a decoder directory by jobs/pretrain_decoder.py: without it the directory is unfinished."""
+"""Written last into a decoder directory by jobs/pretrain_towers.py: without it the directory is unfinished."""
 
 
 def local_checkpoint(ref: str, tracking: TrackingConfig | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -61,9 +61,9 @@ def read_decoder_info(uri: str, st: StorageConfig | None = None) -> dict | None:
 
 def flavor_config(flavor: str, decoder: str | None = None, st: StorageConfig | None = None,
                   cache_dir: str | Path | None = None) -> DreamLLMConfig:
-    """The model config of a fresh `flavor`, with the image decoder trained by jobs/pretrain_decoder.py at
-    `decoder` (local or s3://) in place of the flavor's own, and the CLIP vision tower it trained too (its
-    `vision/`, when there is one); None keeps the flavor's.
+    """The model config of a fresh `flavor`, with the towers trained by jobs/pretrain_towers.py at `decoder`
+    (local or s3://) in place of the flavor's own: the image decoder, and the CLIP vision tower and LLM it
+    trained too (its `vision/` and `llm/`, when there are); None keeps the flavor's.
 
     `diffusion.name_or_path` becomes a local directory: remote decoders are downloaded once per node
     and export (the id in decoder.json), so a decoder retrained at the same URI is fetched again.
@@ -74,12 +74,14 @@ def flavor_config(flavor: str, decoder: str | None = None, st: StorageConfig | N
     info = read_decoder_info(decoder, st)
     if info is None:
         raise ValueError(f"{decoder} is not a finished decoder: {DECODER_FILE} is missing "
-                         f"(run jobs/pretrain_decoder.py with output={decoder} first)")
+                         f"(run jobs/pretrain_towers.py with output={decoder} first)")
     if info.get("flavor") != flavor:
         raise ValueError(f"the decoder at {decoder} was trained for flavor {info.get('flavor')!r}, not {flavor!r}")
     cache = Path(cache_dir or DECODER_CACHE_DIR) / str(info["id"])
     cfg.diffusion.name_or_path = str(storage.download_dir(decoder, cache, st))
-    vision = Path(cfg.diffusion.name_or_path) / "vision"
-    if (vision / "config.json").is_file():  # the job also pretrained the flavor's CLIP vision tower
-        cfg.vision.name_or_path = str(vision)
+    towers = Path(cfg.diffusion.name_or_path)
+    if (towers / "vision" / "config.json").is_file():  # the job also pretrained the flavor's CLIP vision tower
+        cfg.vision.name_or_path = str(towers / "vision")
+    if (towers / "llm" / "config.json").is_file():  # and its LLM, on text
+        cfg.llm.name_or_path = str(towers / "llm")
     return cfg

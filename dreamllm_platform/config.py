@@ -113,7 +113,15 @@ def parse_job_args(cls: type[T], argv: Sequence[str] | None, description: str,
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of dataclass `cls` (litgpt style), by field name."""
+    """The docstring written under each field of dataclass `cls` (litgpt style), by field name; a field that
+    a subclass redeclares (a new default) without a docstring keeps its base class's."""
+    docs: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

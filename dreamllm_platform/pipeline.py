@@ -1,18 +1,20 @@
 """The end-to-end pipeline: from synthetic shards to a served, promoted model in one command.
 
-Owns: the order of the steps, each step's config derived from one root folder
-(every output lives under `root`), the state file that lets a resubmitted
-pipeline skip finished steps, progress lines, and the summary of where every
-output is. Each step is the library call behind its own job, so a step can
-also be run alone (`jobs/<step>.py`) with the config this module derives:
+Owns: the table of steps (`STEPS`: one record per step with its title, the
+settings its hash covers, what it runs and what it adds to the summary), each
+step's config derived from one root folder (every output lives under `root`),
+the state file that lets a resubmitted pipeline skip finished steps, progress
+lines, and the summary of where every output is. Each step is the library
+call behind its own job, so a step can also be run alone (`jobs/<step>.py`)
+with the config this module derives:
 
   synthetic  -> jobs/make_synthetic_data.py   the coloured-shapes set in the real formats
-  decoder    -> jobs/pretrain_decoder.py      SD-style VAE + UNet and CLIP vision pretraining (the small flavors have none)
+  towers     -> jobs/pretrain_towers.py       SD-style VAE + UNet, CLIP vision and LLM text pretraining (the small flavors have none)
   latents    -> jobs/precompute_latents.py    the latent store, encoded with the trained VAE
   align, igpt, sft -> jobs/{align,igpt,sft}.py  the paper's three stages, each from the previous export
   register, evaluate, promote -> jobs/{register,evaluate,promote}.py  candidate -> champion through the gate
-  serve      -> jobs/serve.py                 Ray Serve, then one chat and one image request via the openai client
-  learning   -> jobs/learning_check.py        comprehension and creation accuracy vs the untrained model
+  serve      -> jobs/serve.py                 Ray Serve, then `serving.acceptance`'s chat and image requests
+  learning   -> jobs/learning_check.py        comprehension and creation accuracy after every stage (the curve)
 
 A step is skipped when the state file records it finished with the same
 settings and the same upstream results (a chain of hashes), so a resubmission
@@ -23,10 +25,8 @@ starts a fresh run.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
-import io
 import json
 import socket
 import time
@@ -42,8 +42,6 @@ from .data.config import PrecomputeConfig, SyntheticConfig
 from .storage import StorageConfig
 from .tracking import TrackingConfig, tracking_uri
 
-STEPS = ("synthetic", "decoder", "latents", "align", "igpt", "sft", "register", "evaluate", "promote", "serve",
-         "learning")
 STATE_FILE = "pipeline.json"
 
 
@@ -53,6 +51,21 @@ def _synthetic_for_learning() -> SyntheticConfig:
                            parquet_shards=2, conversations=1024, instruct_docs=64)
 
 
+def _stage_settings(stage: str) -> dict:
+    """The stages' settings of the embedded run, on top of each stage's own defaults (configs/pipeline.yaml
+    shows them). The towers job pretrained the LLM, so this is the paper's regime: stage I at the paper's
+    2e-3, the LLM in II and III at the paper's fine-tuning rates (2e-5, 4e-5: 1/100 and 1/50 of stage I),
+    DreamLLM's own parameters (new, small, trained 200 steps in stage I) at 5x the LLM's."""
+    return {
+        "align": {"optim": {"lr": 2e-3, "max_steps": 200}, "data": {"micro_batch_size": 16}},
+        "igpt": {"optim": {"lr": 1e-4, "llm_lr": 2e-5, "max_steps": 250},
+                 "data": {"micro_batch_size": 8, "mix": {"mmc4": 1.0, "laion": 3.0}}},
+        "sft": {"optim": {"lr": 2e-4, "llm_lr": 4e-5, "max_steps": 300},
+                "data": {"micro_batch_size": 16, "mix": {"llava": 3.0, "instruct": 1.0, "laion": 1.0},
+                         "assembly": {"record_types": ["conversation", "pair"], "pair_tasks": ["creation"]}}},
+    }[stage]
+
+
 @dataclass
 class PipelineConfig:
     """The whole pipeline; each step section holds overrides of that step's own config (same keys as its YAML)."""
@@ -60,7 +73,7 @@ class PipelineConfig:
     flavor: str = "small"
     """Model flavor: debug (seconds, tests) or small (the CPU demo); 7b runs its jobs one by one on a cluster."""
     root: str = "outputs/pipeline"
-    """Folder (local or s3://) that holds every output: data, decoder, store, checkpoints, files, state."""
+    """Folder (local or s3://) that holds every output: data, towers, store, checkpoints, files, state."""
     seed: int = 0
     """Seed of data, initialisation and sampling of every step."""
     ray_num_cpus: int | None = None
@@ -71,15 +84,15 @@ class PipelineConfig:
     """Object-storage endpoint/region (default: the AWS environment)."""
     synthetic: SyntheticConfig = field(default_factory=_synthetic_for_learning)
     """Size of the synthetic training set written to <root>/synthetic."""
-    decoder: dict[str, Any] = field(default_factory=dict)
-    """Overrides of jobs/pretrain_decoder.py's config (configs/decoder.yaml keys)."""
+    towers: dict[str, Any] = field(default_factory=dict)
+    """Overrides of jobs/pretrain_towers.py's config (configs/towers.yaml keys)."""
     latents: dict[str, Any] = field(default_factory=dict)
     """Overrides of jobs/precompute_latents.py's config."""
-    align: dict[str, Any] = field(default_factory=dict)
+    align: dict[str, Any] = field(default_factory=lambda: _stage_settings("align"))
     """Overrides of stage I's config (configs/align.yaml keys)."""
-    igpt: dict[str, Any] = field(default_factory=dict)
+    igpt: dict[str, Any] = field(default_factory=lambda: _stage_settings("igpt"))
     """Overrides of stage II's config."""
-    sft: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=lambda: _stage_settings("sft"))
     """Overrides of stage III's config."""
     evaluate: dict[str, Any] = field(default_factory=dict)
     """Overrides of jobs/evaluate.py's config."""
@@ -124,28 +137,11 @@ def resolved_tracking(cfg: PipelineConfig) -> TrackingConfig:
     return dataclasses.replace(cfg.tracking, tracking_uri=f"sqlite:///{db}")
 
 
-# Stage settings that let the small model learn the synthetic task in minutes on a CPU. The
-# small flavor's LLM starts from random weights, so stages II and III use learning rates for
-# training from scratch rather than the paper's (2e-5 / 4e-5 fine-tune a pretrained Vicuna).
-STAGE_SETTINGS: dict[str, dict] = {
-    "align": {"optim": {"lr": 2e-3, "max_steps": 200}, "data": {"micro_batch_size": 16}},
-    # Pairs-heavy, at a high rate: the from-scratch LLM predicts captions from the words alone for a couple
-    # of hundred steps before it starts reading the picture before them.
-    "igpt": {"optim": {"lr": 1e-3, "max_steps": 250, "schedule": "constant"},
-             "data": {"micro_batch_size": 8, "mix": {"mmc4": 1.0, "laion": 3.0}}},
-    # A gentler rate (1e-3 here made it forget how captions become images), with stage II's creation pairs
-    # replayed alongside the instruction documents, whose sentences are not captions.
-    "sft": {"optim": {"lr": 4e-4, "max_steps": 400},
-            "data": {"micro_batch_size": 16, "mix": {"llava": 3.0, "instruct": 1.0, "laion": 1.0},
-                     "assembly": {"record_types": ["conversation", "pair"], "pair_tasks": ["creation"]}}},
-}
-
-
 class StepConfigs:
     """Each step's typed config, built from the pipeline config plus the step's overrides (validated up front)."""
 
     def __init__(self, cfg: PipelineConfig):
-        from .decoder import DecoderConfig
+        from .towers import TowersConfig
         from .evaluation import EvalConfig, LearningJobConfig
         from .registry import RegistryConfig
         from .serving.config import ServeConfig
@@ -157,7 +153,7 @@ class StepConfigs:
         r = cfg.root
         self.tracking = resolved_tracking(cfg)
         common = {"tracking": dataclasses.asdict(self.tracking), "storage": dataclasses.asdict(cfg.storage)}
-        self.paths = {"synthetic": storage.join(r, "synthetic"), "decoder": storage.join(r, "decoder"),
+        self.paths = {"synthetic": storage.join(r, "synthetic"), "towers": storage.join(r, "towers"),
                       "store": storage.join(r, "latent_store"), "runs": storage.join(r, "ray_results"),
                       "heldout": storage.join(r, "heldout"), "files": storage.join(r, "files")}
         p = self.paths
@@ -168,20 +164,22 @@ class StepConfigs:
             except ValueError as e:
                 raise ValueError(f"{step}: {e}") from None
 
-        self.decoder = build("decoder", DecoderConfig, {
-            "flavor": cfg.flavor, "data_root": p["synthetic"], "output": p["decoder"], "seed": cfg.seed,
-            "storage_path": p["runs"], "ray_num_cpus": cfg.ray_num_cpus,
-            "synthetic": dataclasses.asdict(cfg.synthetic), **common}, cfg.decoder)
+        self.towers = build("towers", TowersConfig, {
+            "flavor": cfg.flavor, "data_root": p["synthetic"], "output": p["towers"], "seed": cfg.seed,
+            "checkpoint": {"storage_path": p["runs"]}, "ray_num_cpus": cfg.ray_num_cpus,
+            "synthetic": dataclasses.asdict(cfg.synthetic), **common}, cfg.towers)
         self.latents = build("latents", PrecomputeConfig, {
-            "flavor": cfg.flavor, "data_root": p["synthetic"], "output": p["store"], "decoder": p["decoder"],
+            "flavor": cfg.flavor, "data_root": p["synthetic"], "output": p["store"], "decoder": p["towers"],
             "synthetic": dataclasses.asdict(cfg.synthetic), "storage": common["storage"],
             "ray_num_cpus": cfg.ray_num_cpus}, cfg.latents)
         self.stages = {}
         for stage in ("align", "igpt", "sft"):
-            derived = {"seed": cfg.seed, "model": {"flavor": cfg.flavor, "decoder": p["decoder"]},
+            derived = {"seed": cfg.seed, "model": {"flavor": cfg.flavor, "decoder": p["towers"]},
                        "data": {"store": p["store"], "prepare": False},
                        "checkpoint": {"storage_path": p["runs"]}, **common}
-            base = deep_merge(STAGE_DEFAULTS[stage], STAGE_SETTINGS[stage])
+            # A section given on the command line (--set sft.optim.max_steps=7) replaces the field's default
+            # dict: merge it over the embedded settings, as the YAML's full section merges over them unchanged.
+            base = deep_merge(STAGE_DEFAULTS[stage], _stage_settings(stage))
             self.stages[stage] = build(stage, TrainConfig, derived, getattr(cfg, stage), base)
         self.registry = build("promote", RegistryConfig, common, cfg.promote)
         self.evaluate = build("evaluate", EvalConfig, {"heldout": {"root": p["heldout"]}, "seed": cfg.seed, **common},
@@ -201,8 +199,8 @@ def _digest(*parts: Any) -> str:
 class State:
     """`<root>/pipeline.json`: per step, the hash it ran with and what it produced."""
 
-    def __init__(self, root: str, st: StorageConfig):
-        self.uri, self.st = storage.join(root, STATE_FILE), st
+    def __init__(self, root: str, st: StorageConfig, name: str = STATE_FILE):
+        self.uri, self.st = storage.join(root, name), st
         self.steps: dict[str, dict] = {}
         if storage.exists(self.uri, st):
             try:
@@ -247,12 +245,12 @@ def _step_synthetic(c: StepConfigs, _: dict) -> dict:
                                                                        c.cfg.storage))["images"]}
 
 
-def _step_decoder(c: StepConfigs, results: dict) -> dict:
-    from .decoder import run_decoder_pretraining
+def _step_towers(c: StepConfigs, results: dict) -> dict:
+    from .towers import run_towers_pretraining
 
-    cfg = dataclasses.replace(c.decoder, run_name=f"dreamllm-decoder-{c.cfg.flavor}-{results['_key'][:8]}")
-    r = run_decoder_pretraining(cfg)
-    return {"decoder": r.output, "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics)}
+    cfg = dataclasses.replace(c.towers, run_name=f"dreamllm-towers-{c.cfg.flavor}-{results['_key'][:8]}")
+    r = run_towers_pretraining(cfg)
+    return {"towers": r.output, "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics)}
 
 
 def _step_latents(c: StepConfigs, _: dict) -> dict:
@@ -309,110 +307,133 @@ def _step_promote(c: StepConfigs, results: dict) -> dict:
 
 
 def _step_serve(c: StepConfigs, results: dict) -> dict:
-    """Deploy the champion, send one chat request about a picture and one image request, save both."""
-    import openai
+    """Deploy the champion and run the acceptance check against it."""
     from ray import serve
 
+    from .serving.acceptance import AcceptanceRequests, check_api
     from .serving.app import build_app
 
     cfg = c.serve
-    files = c.paths["files"]
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     api = f"http://{cfg.http.host}:{cfg.http.port}/v1"
-    client = openai.OpenAI(base_url=api, api_key="unused-on-an-open-api", max_retries=2, timeout=300)
-
-    from .data.synthetic import Scene
-
-    picture = Scene(*c.cfg.chat_scene).render(64)
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    storage.write_bytes(storage.join(files, "chat_input.png"), buf.getvalue(), c.cfg.storage)
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    chat = client.chat.completions.create(
-        model=cfg.model.name, max_tokens=16, seed=c.cfg.seed, extra_body={"max_images": 0},
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                               {"type": "text", "text": c.cfg.chat_question}]}])
-    answer = chat.choices[0].message.content
-    storage.write_bytes(storage.join(files, "chat.json"), json.dumps(
-        {"question": c.cfg.chat_question, "image": "chat_input.png", "answer": answer}, indent=2).encode(),
-        c.cfg.storage)
-    img = client.images.generate(model=cfg.model.name, prompt=c.cfg.image_prompt, n=1, response_format="b64_json",
-                                 extra_body={"seed": c.cfg.seed})
-    storage.write_bytes(storage.join(files, "created_image.png"), base64.b64decode(img.data[0].b64_json),
-                        c.cfg.storage)
-    return {"api": api, "app": cfg.app_name, "chat_answer": answer, "chat": storage.join(files, "chat.json"),
-            "chat_input": storage.join(files, "chat_input.png"),
-            "created_image": storage.join(files, "created_image.png"), "prompt": c.cfg.image_prompt}
+    req = AcceptanceRequests(c.cfg.chat_scene, c.cfg.chat_question, c.cfg.image_prompt, c.cfg.seed)
+    return {"app": cfg.app_name, **check_api(api, cfg.model.name, req, c.paths["files"], c.cfg.storage)}
 
 
 def _step_learning(c: StepConfigs, results: dict) -> dict:
-    from .evaluation import run_learning_check
+    """The learning curve: the check on stage I's start (the towers, own parameters at init) and on each
+    stage's export, logged on the SFT run, its files and plot under files/learning_check."""
+    from dreamllm.model import DreamLLM
 
-    ref = results["register"]["ref"]
-    lc = dataclasses.replace(c.learning, model=ref, run_id=results["sft"]["mlflow_run_id"],
-                             output=storage.join(c.paths["files"], "learning_check"))
-    r = run_learning_check(lc)
-    return {"metrics": _floats(r.result.metrics()), "table": r.result.table(), "files": r.output,
-            "mlflow_run_id": r.run_id}
+    from .checkpoints import flavor_config, load_model
+    from .evaluation.learning import run_learning_curve, towers_ceiling
+
+    models = {"untrained": lambda: DreamLLM.from_config(flavor_config(c.cfg.flavor, results["towers"]["towers"],
+                                                                      c.cfg.storage)).eval()}
+    for stage in ("align", "igpt", "sft"):
+        models[stage] = (lambda uri: lambda: load_model(uri, tracking=c.tracking))(results[stage]["export"])
+    r = run_learning_curve(c.learning, models, results["sft"]["mlflow_run_id"],
+                           towers_ceiling(results["towers"]["metrics"]),
+                           output=storage.join(c.paths["files"], "learning_check"))
+    return {"metrics": _floats(r["metrics"]), "curve": r["curve"], "table": r["table"], "files": r["files"],
+            "plot": r["plot"], "mlflow_run_id": results["sft"]["mlflow_run_id"]}
 
 
 def _floats(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-STEP_FUNCS: dict[str, Callable[[StepConfigs, dict], dict]] = {
-    "synthetic": _step_synthetic, "decoder": _step_decoder, "latents": _step_latents,
-    "align": _stage("align", None), "igpt": _stage("igpt", "align"), "sft": _stage("sft", "igpt"),
-    "register": _step_register, "evaluate": _step_evaluate, "promote": _step_promote, "serve": _step_serve,
-    "learning": _step_learning}
-STEP_TITLES = {
-    "synthetic": "write the synthetic shards", "decoder": "pretrain the frozen towers (VAE, UNet, CLIP vision)",
-    "latents": "precompute VAE latents", "align": "stage I: alignment", "igpt": "stage II: I-GPT pretraining",
-    "sft": "stage III: SFT", "register": "register the candidate", "evaluate": "evaluate the candidate",
-    "promote": "promote through the gate", "serve": "serve and call the API",
-    "learning": "learning check vs the untrained model"}
-# Steps whose result is not work to keep: they run on every submission.
-ALWAYS_RUN = ("serve",)
+@dataclass(frozen=True)
+class Step:
+    """One step of the pipeline: everything about it in one record."""
+
+    name: str
+    title: str
+    settings: Callable[[StepConfigs], Any]
+    """What the step's hash covers besides the upstream steps' (a change reruns it and what follows)."""
+    run: Callable[[StepConfigs, dict], dict]
+    """(step configs, earlier results + "_key") -> this step's result, kept in the state file."""
+    summary: Callable[[dict], list[tuple[str, str]]] = lambda result: []
+    """(what, where) rows of its result for the final printout."""
+    always: bool = False
+    """Runs on every submission (its result is not work to keep: a live API)."""
 
 
-def _step_settings(c: StepConfigs, step: str) -> Any:
-    settings = {"synthetic": c.cfg.synthetic, "decoder": c.decoder, "latents": c.latents, "register": None,
-                "evaluate": c.evaluate, "promote": c.registry.gate, "serve": None, "learning": c.learning}
-    s = c.stages.get(step, settings.get(step))
+def _stage_step(stage: str, previous: str | None, title: str) -> Step:
+    return Step(stage, title, lambda c: c.stages[stage], _stage(stage, previous),
+                lambda r: [(f"{stage} export (checkpoint)", r["export"]), (f"{stage} MLflow run", r["mlflow_run_id"])])
+
+
+def _serve_summary(r: dict) -> list[tuple[str, str]]:
+    return [("API (OpenAI-compatible)", r["api"]), ("chat request: picture", r["chat_input"]),
+            ("chat request: answer", f"{r['chat']}  {r['chat_answer']!r}"),
+            ("image request", f"{r['created_image']}  ({r['prompt']!r})")]
+
+
+STEPS: tuple[Step, ...] = (
+    Step("synthetic", "write the synthetic shards", lambda c: c.cfg.synthetic, _step_synthetic,
+         lambda r: [("synthetic data", r["data_root"])]),
+    Step("towers", "pretrain the towers (VAE, UNet, CLIP vision, LLM)", lambda c: c.towers, _step_towers,
+         lambda r: [("trained towers", r["towers"]), ("towers MLflow run", r["mlflow_run_id"])]),
+    Step("latents", "precompute VAE latents", lambda c: c.latents, _step_latents,
+         lambda r: [("latent store", r["store"])]),
+    _stage_step("align", None, "stage I: alignment"),
+    _stage_step("igpt", "align", "stage II: I-GPT pretraining"),
+    _stage_step("sft", "igpt", "stage III: SFT"),
+    Step("register", "register the candidate", lambda c: None, _step_register,
+         lambda r: [("registered model version", r["ref"])]),
+    Step("evaluate", "evaluate the candidate", lambda c: c.evaluate, _step_evaluate,
+         lambda r: [("evaluation", ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())))]),
+    Step("promote", "promote through the gate", lambda c: c.registry.gate, _step_promote,
+         lambda r: [("champion version", f"v{r['champion']}")]),
+    Step("serve", "serve and call the API", lambda c: None, _step_serve, _serve_summary, always=True),
+    Step("learning", "learning check after every stage", lambda c: c.learning, _step_learning,
+         lambda r: [("learning curve (also on the sft MLflow run)", r["files"]), ("learning curve plot", r["plot"])]),
+)
+STEP_NAMES = tuple(s.name for s in STEPS)
+
+
+def _settings(step: Step, c: StepConfigs) -> Any:
+    s = step.settings(c)
     return dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
 
 
-def run_pipeline(cfg: PipelineConfig, steps: StepConfigs | None = None,
-                 log: Callable[[str], None] = print) -> PipelineResult:
-    """Run (or resume) every step in order; returns what each produced."""
+def run_pipeline(cfg: PipelineConfig, steps: StepConfigs | None = None, log: Callable[[str], None] = print,
+                 until: str | None = None, state_file: str = STATE_FILE) -> PipelineResult:
+    """Run (or resume) every step in order, or those up to `until`; returns what each produced.
+
+    `state_file` (under `root`) records what finished; runs that share a root but not their steps (the
+    ablation's arms) keep their own.
+    """
     from .runtime import init_ray
 
     steps = steps or StepConfigs(cfg)
     cfg = steps.cfg
-    state = State(cfg.root, cfg.storage)
+    state = State(cfg.root, cfg.storage, state_file)
     init_ray(num_cpus=cfg.ray_num_cpus)
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     skipped: list[str] = []
+    todo = STEPS[:STEP_NAMES.index(until) + 1] if until else STEPS
     key = _digest(cfg.flavor, cfg.seed)
     start = time.time()
     try:
-        for i, step in enumerate(STEPS, 1):
-            key = _digest(key, step, _step_settings(steps, step))
-            head = f"[{i:>2}/{len(STEPS)}] {STEP_TITLES[step]}"
-            done = None if cfg.force or step in ALWAYS_RUN else state.done(step, key)
+        for i, step in enumerate(todo, 1):
+            key = _digest(key, step.name, _settings(step, steps))
+            head = f"[{i:>2}/{len(todo)}] {step.title}"
+            done = None if cfg.force or step.always else state.done(step.name, key)
             if done is not None:
-                results[step] = done
-                skipped.append(step)
+                results[step.name] = done
+                skipped.append(step.name)
                 log(f"{head}: done in an earlier run, skipped")
                 continue
             log(f"{head} ... (pipeline at {time.time() - start:.0f} s)")
             t0 = time.time()
-            results[step] = STEP_FUNCS[step](steps, {**results, "_key": key})
-            seconds[step] = time.time() - t0
-            state.record(step, key, results[step], seconds[step])
-            log(f"{head}: finished in {seconds[step]:.0f} s")
+            results[step.name] = step.run(steps, {**results, "_key": key})
+            seconds[step.name] = time.time() - t0
+            state.record(step.name, key, results[step.name], seconds[step.name])
+            log(f"{head}: finished in {seconds[step.name]:.0f} s")
     finally:
         if "serve" in results and not cfg.keep_serving:
             from ray import serve
@@ -423,23 +444,11 @@ def run_pipeline(cfg: PipelineConfig, steps: StepConfigs | None = None,
 
 def summary(cfg: PipelineConfig, r: PipelineResult) -> list[tuple[str, str]]:
     """(what, where) of every output, for the final printout."""
-    res, t = r.results, resolved_tracking(cfg)
     rows = [("root folder", cfg.root), ("state (resubmission skips done steps)", storage.join(cfg.root, STATE_FILE)),
-            ("synthetic data", res["synthetic"]["data_root"]), ("trained decoder", res["decoder"]["decoder"]),
-            ("latent store", res["latents"]["store"])]
-    for stage in ("align", "igpt", "sft"):
-        rows.append((f"{stage} export (checkpoint)", res[stage]["export"]))
-    rows += [("MLflow tracking URI", tracking_uri(t)),
-             ("MLflow runs (decoder, align, igpt, sft)", ", ".join(
-                 res[s]["mlflow_run_id"] for s in ("decoder", "align", "igpt", "sft"))),
-             ("registered model version", f"{res['register']['ref']} (champion: v{res['promote']['champion']})"),
-             ("evaluation", ", ".join(f"{k}={v:.4g}" for k, v in sorted(res["evaluate"]["metrics"].items())))]
-    if "serve" in res:
-        s = res["serve"]
-        rows += [("API (OpenAI-compatible)", s["api"] + ("" if cfg.keep_serving else "  (stopped with the pipeline)")),
-                 ("chat request: picture", s["chat_input"]), ("chat request: answer", f"{s['chat']}  {s['chat_answer']!r}"),
-                 ("image request", f"{s['created_image']}  ({s['prompt']!r})")]
-    if "learning" in res:
-        rows.append(("learning check (also on the sft MLflow run)", res["learning"]["files"]))
+            ("MLflow tracking URI", tracking_uri(resolved_tracking(cfg)))]
+    for step in STEPS:
+        if step.name in r.results:
+            rows += step.summary(r.results[step.name])
+    if "serve" in r.results and not cfg.keep_serving:
+        rows.append(("", "(the API stopped with the pipeline; --set keep_serving=true keeps it up)"))
     return rows
-

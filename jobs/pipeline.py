@@ -1,4 +1,5 @@
-"""The main job: synthetic shards -> decoder -> latents -> stages I, II, III -> evaluate -> register -> promote -> serve.
+"""The main job: synthetic shards -> towers -> latents -> stages I, II, III -> register -> evaluate -> promote -> serve
+-> learning curve.
 
     python jobs/pipeline.py                                  the embedded defaults: small flavor, outputs/pipeline
     python jobs/pipeline.py --set flavor=debug --set root=outputs/pipeline-debug
@@ -7,7 +8,7 @@
 
 Every step is also a job of its own (see dreamllm_platform/pipeline.py). A
 resubmitted pipeline skips the steps it finished before; `--set force=true`
-reruns them. It ends by printing where every output is and the learning check.
+reruns them. It ends by printing where every output is and the learning curve (the check after every stage).
 """
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     for what, where in summary(steps.cfg, r):
         print(f"  {what:<42} {where}")
     if "learning" in r.results:
-        print("\nLearning check (held-out scenes; trained vs untrained):")
+        print("\nLearning check after every stage (held-out scenes; ceiling: the towers' own figures):")
         print(r.results["learning"]["table"])
     if cfg.keep_serving and r.api:
         from dreamllm_platform.runtime import serve_until_stopped

@@ -54,7 +54,7 @@ def record_examples(builder, rtype: str, data: dict, cfg: AssemblyConfig) -> lis
     from dreamllm.sequence import Turn
 
     if rtype == "document":
-        return [builder.document(iter_items(data["items"]))]
+        return [builder.document(iter_items(data["items"]), create_images=cfg.document_images == "create")]
     if rtype == "pair":
         return [builder.pair(data["caption"], data["image"], task,
                              learn_text=cfg.learn_creation_text if task == "creation" else True)

@@ -175,7 +175,7 @@ class PrecomputeConfig:
     output: str = "outputs/latent_store"
     """URI of the latent store (parquet shards + manifest + report)."""
     decoder: str | None = None
-    """URI of a decoder trained by jobs/pretrain_decoder.py whose VAE encodes the latents; None: the flavor's own."""
+    """URI of the towers trained by jobs/pretrain_towers.py whose VAE encodes the latents; None: the flavor's own."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Record and image filters."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -212,7 +212,7 @@ class PrecomputeConfig:
             info = read_decoder_info(self.decoder, self.storage)
             if info is None:
                 raise ValueError(f"decoder {self.decoder} is not a finished decoder: "
-                                 f"run jobs/pretrain_decoder.py first")
+                                 f"run jobs/pretrain_towers.py first")
             relevant["decoder"] = info["id"]
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -229,10 +229,14 @@ class AssemblyConfig:
     """Each pair gives one example per task: image->caption and/or caption->dream slot."""
     learn_creation_text: bool = True
     """False masks the caption of creation pairs (stage I: creation pairs carry only the diffusion loss)."""
+    document_images: str = "create"
+    """What a document's images are: "create" (a dream slot, then read back as input: DreamLLM's I-GPT) or
+    "read" (input only, no diffusion loss: the comprehension-only ablation)."""
 
     def __post_init__(self) -> None:
         self.record_types, self.sources, self.pair_tasks = tuple(self.record_types), tuple(self.sources), tuple(self.pair_tasks)
         bad = set(self.record_types) - {"document", "pair", "conversation"}
         check(not bad, f"unknown record type(s) {sorted(bad)}; valid: document, pair, conversation")
+        check(self.document_images in ("create", "read"), "document_images must be create or read")
         bad = set(self.pair_tasks) - {"comprehension", "creation"}
         check(not bad, f"unknown pair task(s) {sorted(bad)}; valid: comprehension, creation")

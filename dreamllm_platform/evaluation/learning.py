@@ -8,7 +8,11 @@ each scene's caption, judged by `evaluation.scenes.describe`: colour, shape,
 position, and colour-and-shape both right), the untrained baseline of a
 trained model (`untrained_model`), the trained-vs-untrained table and its
 metrics, logging them on an MLflow run (and writing the same files to a
-folder), and `run_learning_check` behind jobs/learning_check.py.
+folder), and `run_learning_check` behind jobs/learning_check.py. Also the
+learning curve of a training run: the same figures, plus the held-out
+diffusion loss of the dream queries' conditions and how far the guidance's
+unconditional condition sits from the conditional ones, for each stage's
+export (`learning_curve`, `curve_metrics`), and its plot (`curve_plot`).
 
 Judging is split from running the model (`judge_answers`, `judge_images`),
 so the judges are tested on known-correct answers and ground-truth renders.
@@ -19,9 +23,12 @@ import dataclasses
 import io
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from PIL import Image
 
 from .. import storage, tracking
@@ -152,6 +159,109 @@ def measure(model, cfg: LearningCheckConfig) -> tuple[dict[str, float], list[dic
     return figures, comp_rows + crea_rows, [(s.caption(), im) for s, im in zip(prompts, images)]
 
 
+@torch.no_grad()
+def condition_figures(model, scenes: list[Scene], cfg: LearningCheckConfig) -> dict[str, float]:
+    """How well the model's dream-query conditions serve its frozen decoder on held-out scenes.
+
+    `creation.diffusion_loss`: the plain denoising MSE of each scene's image (rendered, encoded by the
+    VAE) conditioned on the queries after its caption, at noise and timesteps seeded by `cfg.image_seed`
+    (the same for every model, so models compare). `creation.null_gap`: the distance of the unconditional
+    condition (of the empty prompt, what classifier-free guidance pushes away from) to the mean conditional
+    one, in units of the conditional ones' own spread around that mean: large when the null condition has
+    drifted away from where the prompts are, so guidance pushes every prompt the same way.
+    """
+    from dreamllm.components import denoising_loss
+    from dreamllm.images import vae_pixels
+
+    device, d = model.device, model.cfg.diffusion
+    gen = torch.Generator(device=device).manual_seed(cfg.image_seed)
+    conds, mses = [], []
+    for i in range(0, len(scenes), cfg.batch_size):
+        part = scenes[i:i + cfg.batch_size]
+        cond = model.prompt_condition([s.caption() for s in part])
+        pixels = torch.stack([vae_pixels(question_image(s, cfg.image_size), d.resolution) for s in part]).to(device)
+        latents = model.vae.encode(pixels.to(next(model.vae.parameters()).dtype)).latent_dist.mean
+        x0 = latents.float() * model.vae.config.scaling_factor
+        _, mse = denoising_loss(model.unet, model.noise_scheduler, x0, cond, d.prediction_type, d.timestep_power,
+                                None, gen)
+        conds.append(cond.float())
+        mses.append(mse.item() * len(part))
+    conds_NQD = torch.cat(conds)
+    mean = conds_NQD.mean(0)
+    spread = (conds_NQD - mean).flatten(1).norm(dim=1).mean()
+    gap = (model.prompt_condition([""])[0].float() - mean).norm()
+    return {"creation.diffusion_loss": sum(mses) / len(scenes), "creation.null_gap": float(gap / spread.clamp(min=1e-9))}
+
+
+def learning_curve(models: dict[str, Any], cfg: LearningCheckConfig) -> dict[str, dict[str, float]]:
+    """`measure`'s figures plus `condition_figures` of each named model (e.g. untrained, align, igpt, sft),
+    on the same held-out scenes and seeds. Models are loaded by the caller, one at a time if it likes
+    (a value may be a callable that returns the model)."""
+    curve = {}
+    for name, model in models.items():
+        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+        figures, _, _ = measure(model, cfg)
+        figures.update(condition_figures(model, heldout_scenes(cfg)[1], cfg))
+        curve[name] = figures
+    return curve
+
+
+def curve_metrics(curve: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flat MLflow metrics `learning.<model>.<figure>` (e.g. learning.align.creation.color)."""
+    return {f"learning.{name}.{k}": v for name, figures in curve.items() for k, v in figures.items()}
+
+
+def chance_levels() -> dict[str, float]:
+    """Accuracy of a uniform guess per attribute (the synthetic vocabulary's sizes)."""
+    from ..data.synthetic import COLORS, POSITIONS, SHAPES
+
+    # A scene's colour is never its background's: one colour fewer to guess among.
+    return {"color": 1 / (len(COLORS) - 1), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)}
+
+
+def curve_table(curve: dict[str, dict[str, float]], ceiling: dict[str, float] | None = None) -> str:
+    """One line per figure, one column per model (and the towers' ceiling and chance where they apply)."""
+    names = list(curve)
+    chance = chance_levels()
+    ceiling = ceiling or {}
+    lines = [f"{'':<30}" + "".join(f"{n:>11}" for n in names) + f"{'ceiling':>9}{'chance':>8}"]
+    for k in next(iter(curve.values())):
+        attr = k.split(".", 1)[1]
+        lines.append(f"{k:<30}" + "".join(f"{curve[n][k]:>11.3f}" for n in names)
+                     + (f"{ceiling[k]:>9.3f}" if k in ceiling else f"{'':>9}")
+                     + (f"{chance[attr]:>8.3f}" if attr in chance else ""))
+    return "\n".join(lines)
+
+
+def curve_plot(curve: dict[str, dict[str, float]], ceiling: dict[str, float] | None = None) -> bytes:
+    """PNG: accuracy per attribute (colour, shape, position) after each stage, comprehension and creation side
+    by side, with chance (dotted) and the towers' ceiling (dashed) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, chance, ceiling = list(curve), chance_levels(), ceiling or {}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, kind in zip(axes, ("comprehension", "creation")):
+        for attr, colour in zip(ATTRIBUTES, ("tab:red", "tab:blue", "tab:green")):
+            ax.plot(names, [curve[n][f"{kind}.{attr}"] for n in names], marker="o", color=colour, label=attr)
+            ax.axhline(chance[attr], color=colour, linestyle=":", linewidth=1)
+            if f"{kind}.{attr}" in ceiling:
+                ax.axhline(ceiling[f"{kind}.{attr}"], color=colour, linestyle="--", linewidth=1)
+        ax.set_title(kind)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy on held-out scenes")
+    axes[1].legend(loc="upper left", fontsize=8, title="dashed: towers' ceiling, dotted: chance",
+                   title_fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def learning_check(model, baseline, cfg: LearningCheckConfig) -> LearningResult:
     """The figures of `model` and of `baseline` (its untrained self, see `untrained_model`), same scenes and seeds."""
     trained, untrained = measure(model, cfg), measure(baseline, cfg)
@@ -166,10 +276,10 @@ def untrained_model(model):
     The same config and tokenizer; the frozen vision tower and decoder are
     shared with `model` (not copied; the extra memory is one LLM); the LLM as its flavor
     starts it (the pretrained LLM, e.g. Vicuna for 7b, or the seeded random
-    init of the debug/small flavors); DreamLLM's own parameters (projectors,
-    dream queries, added-token rows) at their seeded init. For a random-init
-    flavor this equals `DreamLLM.from_config(get_flavor(flavor))`, the model
-    stage I starts from.
+    init of the debug/small flavors, without the towers job's text
+    pretraining); DreamLLM's own parameters (projectors, dream queries,
+    added-token rows) at their seeded init. The pipeline's learning curve
+    measures the exact start of stage I instead (`learning_curve`).
     """
     from dreamllm.components import build_llm
     from dreamllm.config import DreamLLMConfig, get_flavor
@@ -275,3 +385,51 @@ def run_learning_check(cfg: LearningJobConfig, device: str | None = None) -> Lea
     if new_run:
         tracking.end_run(cfg.tracking, run_id, "FINISHED")
     return LearningJobResult(result, cfg.model, run_id, new_run, cfg.output, time.time() - start)
+
+
+# ------------------------------------------------------------ the curve of a run
+
+CURVE_FILES = ("curve.txt", "curve.json", "curve.png")
+
+
+def towers_ceiling(metrics: dict[str, float]) -> dict[str, float]:
+    """The towers job's own figures as the curve's ceilings: the decoder drawing from its own text encoder
+    (`sample_<attr>_accuracy` -> creation.<attr>) and the LLM answering from the caption in context
+    (`llm_qa_<attr>_accuracy` -> comprehension.<attr>)."""
+    out = {}
+    for attr in ATTRIBUTES:
+        if f"sample_{attr}_accuracy" in metrics:
+            out[f"creation.{attr}"] = metrics[f"sample_{attr}_accuracy"]
+        if f"llm_qa_{attr}_accuracy" in metrics:
+            out[f"comprehension.{attr}"] = metrics[f"llm_qa_{attr}_accuracy"]
+    return out
+
+
+def run_learning_curve(cfg: LearningJobConfig, models: dict[str, Any], run_id: str,
+                       ceiling: dict[str, float] | None = None, output: str | None = None) -> dict:
+    """`learning_curve` of `models` (name -> model or a callable loading it; the last one is the trained
+    model, the first its untrained start), written under `output` (curve.txt, curve.json, curve.png) and
+    logged on run `run_id`: `curve_metrics`, plus `learning.<figure>` / `learning.untrained.<figure>` of
+    the last and first model (what jobs/learning_check.py logs), and the files under `learning_check/`."""
+    start = time.time()
+    curve = learning_curve(models, cfg.check)
+    names = list(curve)
+    table, png = curve_table(curve, ceiling), curve_plot(curve, ceiling)
+    doc = json.dumps({"curve": curve, "ceiling": ceiling or {}, "chance": chance_levels(),
+                      "settings": dataclasses.asdict(cfg.check)}, indent=1)
+    if output:  # files first: a tracking failure below loses nothing already measured
+        for name, data in zip(CURVE_FILES, (table.encode(), doc.encode(), png)):
+            storage.write_bytes(storage.join(output, name), data, cfg.storage)
+    log = tracking.RunLogger(cfg.tracking, run_id)
+    metrics = {**curve_metrics(curve), **{f"learning.{k}": v for k, v in curve[names[-1]].items()},
+               **{f"learning.untrained.{k}": v for k, v in curve[names[0]].items()}}
+    log.metrics(metrics, 0)
+    log.text(table + "\n", "learning_check/curve.txt")
+    log.text(doc, "learning_check/curve.json")
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/curve.png"
+        with open(path, "wb") as f:
+            f.write(png)
+        log.client.log_artifact(run_id, path, "learning_check")
+    return {"curve": curve, "table": table, "metrics": metrics, "files": output,
+            "plot": storage.join(output, "curve.png") if output else None, "seconds": time.time() - start}

@@ -26,8 +26,9 @@ class ModelSpec:
     init_from: str | None = None
     """The previous stage's export: a checkpoint URI (local, file://, s3://) or models:/NAME@ALIAS."""
     decoder: str | None = None
-    """URI of a decoder trained by jobs/pretrain_decoder.py for the fresh flavor; None: the flavor's own.
-    Ignored with `init_from`: a checkpoint carries its decoder."""
+    """URI of the towers trained by jobs/pretrain_towers.py for the fresh flavor (decoder, and the vision
+    tower and LLM when it trained them); None: the flavor's own. Ignored with `init_from`: a checkpoint
+    carries its towers."""
     gradient_checkpointing: bool | None = None
     """Override the flavor's gradient checkpointing switch (None keeps it)."""
     condition_dropout: float | None = None
@@ -44,7 +45,8 @@ class DataSpec:
     store: str = "outputs/latent_store"
     """URI of the latent store written by jobs/precompute_latents.py."""
     mix: dict[str, float] = field(default_factory=lambda: {"mmc4": 1.0, "laion": 1.0})
-    """Source name -> sampling weight of the source's examples in each micro-batch draw."""
+    """Source name -> sampling weight of the source's examples in each micro-batch draw; 0 leaves the source
+    out (so a section merged over defaults can remove one)."""
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
     """Which record types and pair tasks become examples."""
     micro_batch_size: int = 8
@@ -61,8 +63,9 @@ class DataSpec:
     """CPUs per Ray Data assembly task; the trainer leaves at least this much free."""
 
     def __post_init__(self) -> None:
-        check(bool(self.mix) and all(w > 0 for w in self.mix.values()),
-               "data.mix needs at least one source with a positive weight")
+        check(all(w >= 0 for w in self.mix.values()), "data.mix weights must be >= 0")
+        self.mix = {k: w for k, w in self.mix.items() if w > 0}
+        check(bool(self.mix), "data.mix needs at least one source with a positive weight")
         check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
 
 
@@ -107,7 +110,11 @@ class OptimSpec:
     """AdamW and its schedule."""
 
     lr: float = 2e-5
-    """Peak learning rate (the paper: stage I 2e-3, II 2e-5, SFT 4e-5)."""
+    """Peak learning rate of DreamLLM's own parameters (visual and condition projectors, dream queries,
+    added-token rows), and of the LLM unless `llm_lr` is set (the paper: stage I 2e-3, II 2e-5, SFT 4e-5)."""
+    llm_lr: float | None = None
+    """Peak learning rate of the LLM's parameters in the stages that train it (II, III); None: `lr`. The
+    paper uses one rate; a separate one lets the small own parameters move faster than a pretrained LLM."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to biases, norms, queries and added-token rows)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -124,6 +131,7 @@ class OptimSpec:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         check(self.lr > 0, "optim.lr must be > 0")
+        check(self.llm_lr is None or self.llm_lr > 0, "optim.llm_lr must be > 0 or null")
         check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
         check(self.schedule in ("cosine", "constant"), "optim.schedule must be cosine or constant")
         check(self.max_steps >= 1, "optim.max_steps must be >= 1")
@@ -131,21 +139,29 @@ class OptimSpec:
 
 @dataclass
 class CheckpointSpec:
-    """Checkpoints for fault tolerance and the stage's export."""
+    """Checkpoints for fault tolerance (the `checkpoint:` section of every training job)."""
 
     storage_path: str = "outputs/ray_results"
     """RunConfig.storage_path: a local dir or s3:// (multi-node runs need shared storage)."""
     every_n_steps: int = 50
-    """Steps between DeepSpeed checkpoints (and one at the end)."""
+    """Steps between checkpoints (and one at the end)."""
     num_to_keep: int = 2
     """Checkpoints kept in storage."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the run fails."""
-    export_uri: str | None = None
-    """Where the stage's inference checkpoint goes; default <storage_path>/<run_name>/export."""
 
     def __post_init__(self) -> None:
         check(self.every_n_steps >= 1, "checkpoint.every_n_steps must be >= 1")
+        check(self.num_to_keep >= 1, "checkpoint.num_to_keep must be >= 1")
+        check(self.max_failures >= 0, "checkpoint.max_failures must be >= 0")
+
+
+@dataclass
+class StageCheckpointSpec(CheckpointSpec):
+    """A stage's checkpoints, and where its inference checkpoint goes."""
+
+    export_uri: str | None = None
+    """Where the stage's inference checkpoint goes; default <storage_path>/<run_name>/export."""
 
 
 @dataclass
@@ -168,7 +184,7 @@ class TrainConfig:
     """The DeepSpeed engine."""
     optim: OptimSpec = field(default_factory=OptimSpec)
     """Optimiser and schedule."""
-    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    checkpoint: StageCheckpointSpec = field(default_factory=StageCheckpointSpec)
     """Checkpoints."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""

@@ -9,10 +9,8 @@ sample images, and the stage's export. The model maths is `dreamllm`'s.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from ..checkpoints import export_checkpoint, flavor_config, load_model
 from ..data.assembly import ExampleCollator
 from ..tracking import CHECKPOINT_URI_TAG, RunLogger
 from .config import TrainConfig
+from .worker import MetricWindow, WorkerContext, lr_factor, report_checkpoint
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -44,26 +43,25 @@ def build_model(cfg: TrainConfig) -> DreamLLM:
     return model.set_stage(cfg.stage).train()
 
 
-def param_groups(model: DreamLLM, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: DreamLLM, weight_decay: float, lr: float, llm_lr: float | None = None) -> list[dict]:
+    """AdamW groups: the LLM's parameters at `llm_lr` (None: `lr`), DreamLLM's own (projectors, dream
+    queries, added-token rows) at `lr`; each split into decayed weights and undecayed biases/norms/rows."""
+    groups = {(owner, decay): [] for owner in ("llm", "own") for decay in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            owner = "llm" if name.startswith("llm.") else "own"
+            decay = not (any(k in name for k in NO_DECAY) or p.ndim < 2)
+            groups[(owner, decay)].append(p)
+    rates = {"llm": lr if llm_lr is None else llm_lr, "own": lr}
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": rates[owner], "name": f"{owner}"}
+            for (owner, decay), ps in groups.items() if ps]
 
 
 def lr_lambda(cfg: TrainConfig):
+    """The stage's schedule (`worker.lr_factor`), as a factor of each group's peak rate."""
     o = cfg.optim
     warm = max(1, int(o.warmup_ratio * o.max_steps))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, o.max_steps - warm))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
+    return lambda step: lr_factor(step, o.max_steps, warm, o.schedule, o.min_lr_ratio)
 
 
 def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
@@ -123,32 +121,20 @@ class MixedBatches:
         raise ValueError(f"data source {name!r} gave this worker no examples (too few shards for the workers?)")
 
 
-def _reduce(values: dict[str, float], world: int, op: str = "sum") -> dict[str, float]:
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    if op == "mean":
-        t /= world
-    return dict(zip(values, t.tolist()))
-
-
 def train_loop(config: dict) -> None:
     """Ray Train entry point; `config` = {"cfg": TrainConfig, "run_id": str, "fail_at_step": int | None}."""
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
 
     cfg: TrainConfig = config["cfg"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    ctx = WorkerContext.current()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     on_gpu = device.type == "cuda"
-    torch.manual_seed(cfg.seed)  # identical init everywhere; data order differs per rank below
+    torch.manual_seed(cfg.seed)  # identical init everywhere
 
     model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lr, o.llm_lr), lr=o.lr, betas=o.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, on_gpu), dist_init_required=False)
@@ -160,6 +146,7 @@ def train_loop(config: dict) -> None:
             engine.load_checkpoint(d, tag=DS_TAG)
             state = json.loads((Path(d) / STATE_FILE).read_text())
         step, seen = state["step"], state["seen"]
+    ctx.seed_rank(cfg.seed, step)  # each rank its own noise, timesteps and condition dropout
     log = RunLogger(cfg.tracking, config["run_id"]) if rank == 0 else None
     if rank == 0 and resumed_from:
         log.metrics({"resumed_from_step": step}, step)  # shows restarts in the run's history
@@ -172,7 +159,7 @@ def train_loop(config: dict) -> None:
                            _collator(cfg, model), cfg.data.micro_batch_size, cfg.data.shuffle_buffer,
                            seed=cfg.seed * 1000 + step)  # same on every rank (see MixedBatches)
     ga = cfg.deepspeed.gradient_accumulation_steps
-    t_last, window = time.perf_counter(), {"tokens": 0.0, "images": 0.0}
+    window = MetricWindow()
     while step < cfg.optim.max_steps:
         sums = {"loss": 0.0, "loss_lm": 0.0, "loss_diffusion": 0.0}
         counts = {"samples": 0.0, "tokens": 0.0, "images": 0.0}
@@ -191,22 +178,23 @@ def train_loop(config: dict) -> None:
         step += 1
         _maybe_fail(config.get("fail_at_step"), step, rank, world, cfg)
 
-        sums = _reduce(sums, world, "mean")
-        counts = _reduce(counts, world)
+        window.add({"tokens": counts["tokens"], "images": counts["images"]}, **sums)
+        counts = ctx.all_reduce(counts)
         for k in seen:
             seen[k] += counts[k]
-        for k in window:
-            window[k] += counts[k]
         last = step == cfg.optim.max_steps
         if step % cfg.log_every == 0 or last:
-            dt = max(time.perf_counter() - t_last, 1e-9)
             grad_norm = engine.get_global_grad_norm()
-            metrics = {**sums, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / dt,
-                       "images_per_s": window["images"] / dt, "samples_seen": seen["samples"],
+            means = window.pop(ctx)
+            sums = {k: means[k] for k in sums}
+            rates = scheduler.get_last_lr()  # one per parameter group: the LLM's first when it trains
+            metrics = {**sums, "lr": rates[-1], "tokens_per_s": means["tokens_per_s"],
+                       "images_per_s": means["images_per_s"], "samples_seen": seen["samples"],
                        "tokens_seen": seen["tokens"]}
+            if model.llm_trainable:
+                metrics["llm_lr"] = rates[0]
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            t_last, window = time.perf_counter(), {"tokens": 0.0, "images": 0.0}
             if rank == 0:
                 print(f"[train] step {step}/{cfg.optim.max_steps} loss {sums['loss']:.4f} "
                       f"(lm {sums['loss_lm']:.4f}, diffusion {sums['loss_diffusion']:.4f}) "
@@ -216,7 +204,7 @@ def train_loop(config: dict) -> None:
         if cfg.sample_every and step % cfg.sample_every == 0 and not last:
             _log_samples(engine, cfg, log, step, rank)
         if step % cfg.checkpoint.every_n_steps == 0 or last:
-            _save_and_report(engine, step, seen, sums, rank, Checkpoint)
+            _save_and_report(engine, step, seen, sums, rank)
 
     _log_samples(engine, cfg, log, step, rank)
     export_uri = cfg.checkpoint.export_uri or storage.join(_run_dir(cfg), "export")
@@ -234,16 +222,15 @@ def _run_dir(cfg: TrainConfig) -> str:
     return storage.join(cfg.checkpoint.storage_path, cfg.run_name)
 
 
-def _save_and_report(engine, step, seen, metrics, rank, Checkpoint) -> None:
+def _save_and_report(engine, step, seen, metrics, rank) -> None:
     """Every rank writes its DeepSpeed shard; Ray merges them into one checkpoint in storage."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=DS_TAG)
+    def write(d: Path) -> bool:
+        engine.save_checkpoint(str(d), tag=DS_TAG)
         if rank == 0:
-            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "seen": seen}))
-        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"step_{step:07d}")
+            (d / STATE_FILE).write_text(json.dumps({"step": step, "seen": seen}))
+        return True
+
+    report_checkpoint(step, metrics, write)
 
 
 def _export(engine, cfg: TrainConfig, uri: str, run_id: str, step: int, rank: int) -> None:

@@ -2,10 +2,9 @@
 
 Owns: making sure the latent store exists (running the precompute on the
 embedded defaults), the model config the data is tokenised for, sizing the
-workers so that Ray Data's tasks always have CPUs left (ENVIRONMENT.md), the
-MLflow run (created or resumed by run name, always closed FINISHED or
-FAILED), and `TorchTrainer.fit()` with checkpoints in `storage_path` and
-restarts from the last checkpoint after a worker dies.
+workers so that Ray Data's tasks always have CPUs left (ENVIRONMENT.md), and
+the stage's datasets; the MLflow run, checkpoints and restarts are
+`train.run.fit`'s, as for every training job.
 """
 from __future__ import annotations
 
@@ -22,10 +21,11 @@ from ..config import load_config, to_flat_dict
 from ..data.assembly import training_dataset
 from ..data.config import PrecomputeConfig
 from ..data.store import LatentStore
-from ..runtime import cluster_resources, init_ray, sigterm_raises
-from ..tracking import end_run, start_or_resume_run, tracking_uri
+from ..runtime import cluster_resources, init_ray
+from ..tracking import tracking_uri
 from .config import ScalingSpec, TrainConfig
 from .loop import train_loop
+from .run import absolute, fit
 
 FAIL_ENV = "DREAMLLM_FAIL_AT_STEP"
 
@@ -92,20 +92,14 @@ def scaling_config(s: ScalingSpec, data_cpus: float, data_tasks: int = 1):
 
 def run_stage(cfg: TrainConfig) -> StageResult:
     """Train one stage to `optim.max_steps` (resuming the run of the same name) and export it."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     init_ray()
-    # Workers run elsewhere (another cwd, maybe another node): make local paths absolute.
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-        cfg.checkpoint, storage_path=storage.absolute(cfg.checkpoint.storage_path),
-        export_uri=storage.absolute(cfg.checkpoint.export_uri) if cfg.checkpoint.export_uri else None),
-        data=dataclasses.replace(cfg.data, store=storage.absolute(cfg.data.store)),
+        cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path),
+        export_uri=absolute(cfg.checkpoint.export_uri)),
+        data=dataclasses.replace(cfg.data, store=absolute(cfg.data.store)),
+        model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from),
+                                  decoder=absolute(cfg.model.decoder)),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri(cfg.tracking)))
-    if cfg.model.init_from and not cfg.model.init_from.startswith("models:/"):
-        cfg.model.init_from = storage.absolute(cfg.model.init_from)
-    if cfg.model.decoder:
-        cfg.model.decoder = storage.absolute(cfg.model.decoder)
 
     model_cfg = model_config_for_data(cfg)
     ensure_store(cfg, model_cfg)
@@ -113,28 +107,15 @@ def run_stage(cfg: TrainConfig) -> StageResult:
                                        dataclasses.replace(cfg.data.assembly, sources=(name,)),
                                        cfg.storage, num_cpus=cfg.data.data_cpus)
                 for name in cfg.data.mix}
-
-    run_id, resumed = start_or_resume_run(cfg.tracking, cfg.run_name, params=to_flat_dict(cfg),
-                                          tags={"dreamllm.stage": cfg.stage, "dreamllm.flavor": model_cfg.flavor})
-    print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {cfg.tracking.tracking_uri}")
     fail_at = int(os.environ[FAIL_ENV]) if os.environ.get(FAIL_ENV) else None
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg, "run_id": run_id, "fail_at_step": fail_at},
-        scaling_config=scaling_config(cfg.scaling, cfg.data.data_cpus, len(cfg.data.mix)),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
-        datasets=datasets)
-    try:
-        with sigterm_raises():  # `ray job stop` still closes the run
-            result = trainer.fit()
-    except BaseException:
-        end_run(cfg.tracking, run_id, "FAILED")
-        raise
-    end_run(cfg.tracking, run_id, "FINISHED")
-    export = cfg.checkpoint.export_uri or storage.join(cfg.checkpoint.storage_path, cfg.run_name, "export")
-    return StageResult(run_name=cfg.run_name, mlflow_run_id=run_id, tracking_uri=cfg.tracking.tracking_uri,
+    c = cfg.checkpoint
+    fitted = fit(train_loop, {"cfg": cfg, "fail_at_step": fail_at}, run_name=cfg.run_name,
+                 storage_path=c.storage_path, max_failures=c.max_failures, num_to_keep=c.num_to_keep,
+                 scaling=scaling_config(cfg.scaling, cfg.data.data_cpus, len(cfg.data.mix)), datasets=datasets,
+                 tracking_cfg=cfg.tracking, params=to_flat_dict(cfg),
+                 tags={"dreamllm.stage": cfg.stage, "dreamllm.flavor": model_cfg.flavor})
+    result = fitted.result
+    export = c.export_uri or storage.join(c.storage_path, cfg.run_name, "export")
+    return StageResult(run_name=cfg.run_name, mlflow_run_id=fitted.run_id, tracking_uri=cfg.tracking.tracking_uri,
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        export_uri=export, metrics=dict(result.metrics or {}))

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dreamllm_platform.config import load_config
-from dreamllm_platform.pipeline import STEPS, PipelineConfig, State, StepConfigs, resolved_tracking
+from dreamllm_platform.pipeline import STEP_NAMES, PipelineConfig, State, StepConfigs, resolved_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,13 +16,17 @@ def test_configs_pipeline_yaml_is_the_embedded_defaults():
 def test_every_output_of_every_step_lives_under_the_root(tmp_path):
     root = str(tmp_path / "p")
     c = StepConfigs(load_config(PipelineConfig, None, [f"root={root}", "flavor=debug", "sft.optim.max_steps=7"]))
-    assert c.cfg.root == root and c.decoder.output == f"{root}/decoder" and c.decoder.flavor == "debug"
-    assert c.latents.output == f"{root}/latent_store" and c.latents.decoder == f"{root}/decoder"
+    assert c.cfg.root == root and c.towers.output == f"{root}/towers" and c.towers.flavor == "debug"
+    assert c.towers.checkpoint.storage_path == f"{root}/ray_results"
+    assert c.latents.output == f"{root}/latent_store" and c.latents.decoder == f"{root}/towers"
     for stage, tc in c.stages.items():
-        assert tc.stage == stage and tc.model.decoder == f"{root}/decoder" and tc.data.store == f"{root}/latent_store"
+        assert tc.stage == stage and tc.model.decoder == f"{root}/towers" and tc.data.store == f"{root}/latent_store"
         assert tc.checkpoint.storage_path == f"{root}/ray_results" and not tc.data.prepare
     assert c.stages["sft"].optim.max_steps == 7
     assert c.stages["align"].optim.lr == 2e-3  # the paper's stage I rate
+    # The LLM at the paper's fine-tuning rates, in proportion to stage I's (1/100, 1/50).
+    assert c.stages["igpt"].optim.llm_lr == pytest.approx(2e-3 / 100)
+    assert c.stages["sft"].optim.llm_lr == pytest.approx(2e-3 / 50)
     uri = f"sqlite:///{Path(root).resolve()}/mlflow.db"
     assert resolved_tracking(c.cfg).tracking_uri == uri
     assert c.stages["igpt"].tracking.tracking_uri == uri and c.learning.tracking.tracking_uri == uri
@@ -42,8 +46,8 @@ def test_state_keeps_finished_steps_by_key_and_survives_a_corrupt_file(tmp_path,
     s.record("synthetic", "k1", {"data_root": "x"}, 1.0)
     again = State(str(tmp_path), None)
     assert again.done("synthetic", "k1") == {"data_root": "x"}
-    assert again.done("synthetic", "k2") is None and again.done("decoder", "k1") is None
+    assert again.done("synthetic", "k2") is None and again.done("towers", "k1") is None
     (tmp_path / "pipeline.json").write_text("{not json")
     assert State(str(tmp_path), None).steps == {}
     assert "not valid JSON" in capsys.readouterr().out
-    assert STEPS[0] == "synthetic" and STEPS[-1] == "learning"
+    assert STEP_NAMES[0] == "synthetic" and STEP_NAMES[-1] == "learning"

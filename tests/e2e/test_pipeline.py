@@ -1,8 +1,8 @@
 """The main job end to end on the `debug` flavor, as a user runs it: `python jobs/pipeline.py` in a fresh process.
 
-One module-scoped run goes through every step (synthetic shards, decoder
+One module-scoped run goes through every step (synthetic shards, towers
 pretraining, latents, the three stages, register, evaluate, promote, serve with
-two requests through the openai client, the learning check); the tests then
+two requests through the openai client, the learning curve); the tests then
 read what it left: the state file, the registry, the files the API calls saved,
 the MLflow run. A resubmission with one stage changed reruns only that stage
 and what follows it.
@@ -27,8 +27,9 @@ QUICK = [
     "synthetic.mmc4_shards=1", "synthetic.docs_per_shard=4", "synthetic.webdataset_shards=1",
     "synthetic.pairs_per_shard=16", "synthetic.parquet_shards=1", "synthetic.conversations=8",
     "synthetic.instruct_docs=2",
-    "decoder.vae.steps=4", "decoder.unet.steps=4", "decoder.vae.batch_size=4", "decoder.unet.batch_size=4",
-    "decoder.vision.steps=4", "decoder.vision.batch_size=4",
+    "towers.vae.steps=4", "towers.unet.steps=4", "towers.vae.batch_size=4", "towers.unet.batch_size=4",
+    "towers.vision.steps=4", "towers.vision.batch_size=4", "towers.llm.steps=4", "towers.llm.batch_size=4",
+    "towers.llm.scored=1",
     "align.optim.max_steps=3", "igpt.optim.max_steps=3", "sft.optim.max_steps=3",
     "align.data.micro_batch_size=4", "igpt.data.micro_batch_size=4", "sft.data.micro_batch_size=4",
     "align.scaling.num_workers=1", "igpt.scaling.num_workers=1", "sft.scaling.num_workers=1",
@@ -60,18 +61,18 @@ def state(root: Path) -> dict:
 def test_every_step_runs_and_the_summary_says_where_outputs_are(first_run):
     root, r = first_run
     steps = state(root)
-    assert list(steps) == ["synthetic", "decoder", "latents", "align", "igpt", "sft", "register", "evaluate",
+    assert list(steps) == ["synthetic", "towers", "latents", "align", "igpt", "sft", "register", "evaluate",
                            "promote", "serve", "learning"]
     for i, step in enumerate(steps, 1):  # progress: a line when each step starts and when it finishes
         assert f"[{i:>2}/11]" in r.stdout
     assert "DreamLLM pipeline finished" in r.stdout
-    for path in (steps["decoder"]["result"]["decoder"], steps["latents"]["result"]["store"],
+    for path in (steps["towers"]["result"]["towers"], steps["latents"]["result"]["store"],
                  steps["sft"]["result"]["export"], steps["serve"]["result"]["created_image"]):
         assert path in r.stdout and Path(path).exists(), path
-    # The decoder the stages were trained with is the pretrained one, inside the exported checkpoint.
+    # The towers the stages were trained with are the pretrained ones, inside the exported checkpoint.
     ckpt = json.loads((Path(steps["sft"]["result"]["export"]) / "dreamllm.json").read_text())
     assert ckpt["stage"] == "sft" and ckpt["config"]["flavor"] == "debug"
-    assert (Path(steps["decoder"]["result"]["decoder"]) / "decoder.json").is_file()
+    assert (Path(steps["towers"]["result"]["towers"]) / "decoder.json").is_file()
 
 
 def test_the_candidate_passed_the_gate_and_the_api_answered(first_run):
@@ -87,19 +88,31 @@ def test_the_candidate_passed_the_gate_and_the_api_answered(first_run):
     assert serve["api"].startswith("http://127.0.0.1:")
 
 
-def test_learning_check_is_printed_and_logged_on_the_sft_run(first_run):
+def test_the_learning_curve_is_printed_plotted_and_logged_on_the_sft_run(first_run):
     from mlflow import MlflowClient
 
     root, r = first_run
     steps = state(root)
-    assert "Learning check" in r.stdout and "untrained" in r.stdout
-    metrics = steps["learning"]["result"]["metrics"]
-    assert metrics and all(0.0 <= v <= 1.0 for v in metrics.values())
+    result = steps["learning"]["result"]
+    assert "Learning check after every stage" in r.stdout
+    assert list(result["curve"]) == ["untrained", "align", "igpt", "sft"]
+    header = result["table"].splitlines()[0].split()
+    assert header == ["untrained", "align", "igpt", "sft", "ceiling", "chance"]
+    metrics = result["metrics"]
+    for stage in ("untrained", "align", "igpt", "sft"):
+        for k in ("comprehension.color", "creation.shape", "creation.diffusion_loss", "creation.null_gap"):
+            assert f"learning.{stage}.{k}" in metrics
+    accuracies = {k: v for k, v in metrics.items() if not k.endswith(("diffusion_loss", "null_gap"))}
+    assert all(0.0 <= v <= 1.0 for v in accuracies.values())
+    assert metrics["learning.creation.color"] == metrics["learning.sft.creation.color"]
+    plot = Image.open(result["plot"])
+    assert plot.format == "PNG" and plot.size[0] > 600
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    run = MlflowClient(tracking_uri=uri).get_run(steps["sft"]["result"]["mlflow_run_id"])
-    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("learning.")}
-    assert logged == pytest.approx({k: v for k, v in metrics.items() if k.startswith("learning.")})
-    assert any(k.startswith("learning.untrained.") for k in logged)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = steps["sft"]["result"]["mlflow_run_id"]
+    logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("learning.")}
+    assert logged == pytest.approx(metrics)
+    assert "learning_check/curve.png" in [a.path for a in client.list_artifacts(run_id, "learning_check")]
 
 
 def test_a_resubmission_skips_finished_steps_and_reruns_a_changed_stage(first_run):
@@ -108,7 +121,7 @@ def test_a_resubmission_skips_finished_steps_and_reruns_a_changed_stage(first_ru
     r = run_pipeline(root, "sft.optim.max_steps=4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     after = state(root)
-    for step in ("synthetic", "decoder", "latents", "align", "igpt"):
+    for step in ("synthetic", "towers", "latents", "align", "igpt"):
         assert after[step] == before[step], step
         assert f"{step_title(step)}: done in an earlier run, skipped" in r.stdout
     assert after["sft"]["key"] != before["sft"]["key"]
@@ -117,9 +130,9 @@ def test_a_resubmission_skips_finished_steps_and_reruns_a_changed_stage(first_ru
 
 
 def step_title(step: str) -> str:
-    from dreamllm_platform.pipeline import STEP_TITLES
+    from dreamllm_platform.pipeline import STEPS
 
-    return STEP_TITLES[step]
+    return next(s.title for s in STEPS if s.name == step)
 
 
 def test_a_wrong_key_fails_in_one_line_before_anything_runs(tmp_path):

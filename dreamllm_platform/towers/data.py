@@ -1,6 +1,6 @@
-"""Image-caption shards -> a Ray Dataset of decoded, resized images and their captions.
+"""The towers job's data: image-caption shards -> a Ray Dataset of decoded, resized images and their captions.
 
-Owns: the decoder job's read plan: one row per shard (`from_items`), then a
+Owns: the read plan: one row per shard (`from_items`), then a
 CPU map step that reads the shard with the platform's own readers
 (`data.readers`: img2dataset webdataset tars, parquet with image bytes +
 caption), checks and decodes each image as the latent precompute does
@@ -15,6 +15,8 @@ Train worker holds most of a 2-CPU machine; and `read_webdataset` fails on a
 truncated tar instead of keeping the samples before the cut.)
 
 Rows: {"pixels": uint8 (R, R, 3), "caption": str, "skip": "" or a drop reason}.
+What a worker draws from this dataset is `towers.streams`' (kept apart so
+that read tasks import neither torch nor the model library).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..data import readers
 from ..data.config import SHARD_SUFFIXES, FilterConfig
 from ..data.filters import Report, decode_image
 from ..storage import StorageConfig
-from .config import DecoderConfig
+from .config import TowersConfig
 
 ROWS_PER_BLOCK = 64
 READERS = {"webdataset": readers.iter_webdataset, "laion_parquet": readers.iter_laion_parquet}
@@ -59,7 +61,7 @@ def read_pairs(batch: dict, resolution: int, st: StorageConfig | None):
             yield _columns(rows)
 
 
-def image_caption_dataset(cfg: DecoderConfig, resolution: int):
+def image_caption_dataset(cfg: TowersConfig, resolution: int):
     """The lazy Ray Dataset of every enabled source's pairs, decoded at `resolution`.
 
     Raises ValueError naming the source when it has no shards.

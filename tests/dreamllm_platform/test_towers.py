@@ -1,10 +1,11 @@
-"""Decoder pretraining on a real local Ray and a real S3 endpoint (moto), and its use by the rest of the platform.
+"""Towers pretraining on a real local Ray and a real S3 endpoint (moto), and its use by the rest of the platform.
 
 One job is run per module (debug flavor, a tiny synthetic set in S3 plus a
 shard with a corrupt image) and then checked: the output loads through the
-model builders and as a diffusers pipeline, losses fell, a resubmission does
-nothing, a resumed run continues from its last checkpoint, the precompute
-encodes with the trained VAE, and a DreamLLM built on it exports a
+model builders and as a diffusers pipeline, every phase's loss fell (VAE,
+UNet, vision, LLM), a resubmission does nothing, a resumed run continues
+from its last checkpoint, the precompute encodes with the trained VAE, and a
+DreamLLM built on it starts from the trained LLM and exports a
 self-contained checkpoint.
 """
 import dataclasses
@@ -31,7 +32,7 @@ from dreamllm_platform.data.config import PrecomputeConfig, SourceConfig, Synthe
 from dreamllm_platform.data.latents import run_precompute
 from dreamllm_platform.data.store import LatentStore
 from dreamllm_platform.data.synthetic import write_synthetic
-from dreamllm_platform.decoder import DecoderConfig, run_decoder_pretraining
+from dreamllm_platform.towers import TowersConfig, run_towers_pretraining
 from dreamllm_platform.tracking import TrackingConfig, client
 
 pytestmark = pytest.mark.slow
@@ -49,24 +50,26 @@ def snapshot(uri):
 
 @pytest.fixture(scope="module")
 def job(ray_session, s3, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("decoder")
-    root = f"s3://{s3['bucket']}/decoder-test"
+    tmp = tmp_path_factory.mktemp("towers")
+    root = f"s3://{s3['bucket']}/towers-test"
     write_synthetic(f"{root}/data", TINY)
     bad = [{"key": "bad", "caption": "A small red circle in the center of the image.", "jpg": b"\xff\xd8 not a jpeg"}]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(bad), buf)
     storage.write_bytes(f"{root}/data/laion_parquet/00001.parquet", buf.getvalue())
-    tree = {"flavor": "debug", "data_root": f"{root}/data", "output": f"{root}/out", "storage_path": str(tmp / "runs"),
-            "synthetic": {**dataclasses.asdict(TINY), "enabled": False}, "log_every": 10, "checkpoint_every": 20,
+    tree = {"flavor": "debug", "data_root": f"{root}/data", "output": f"{root}/out",
+            "checkpoint": {"storage_path": str(tmp / "runs"), "every_n_steps": 20},
+            "synthetic": {**dataclasses.asdict(TINY), "enabled": False}, "log_every": 10,
             "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
             "vae": {"steps": 60, "batch_size": 8, "crop": None, "lr": 2e-3, "warmup_steps": 5, "scaling_images": 12},
             "unet": {"steps": 30, "batch_size": 8, "warmup_steps": 5},
             "vision": {"steps": 30, "batch_size": 8, "warmup_steps": 5, "lr": 2e-3},
+            "llm": {"steps": 30, "batch_size": 8, "warmup_steps": 5, "lr": 3e-3, "scored": 2},
             "samples": {"prompts": ["A large red circle in the center of the image."], "num_inference_steps": 2,
                         "scored": 2}}
-    cfg = load_config(DecoderConfig, None, (), base=tree)  # as a job builds it from YAML
-    return cfg, run_decoder_pretraining(cfg), tmp
+    cfg = load_config(TowersConfig, None, (), base=tree)  # as a job builds it from YAML
+    return cfg, run_towers_pretraining(cfg), tmp
 
 
 def test_output_loads_through_the_model_builders_and_as_a_pipeline(job):
@@ -107,7 +110,8 @@ def test_losses_fall_on_a_tiny_set(job):
     _, r, _ = job
     c = client(TrackingConfig(tracking_uri=r.tracking_uri))
     # Means over 10 steps each. The VAE leaves its first plateau (the mean colour, MSE ~0.45) slowly.
-    for key, windows, factor in (("vae/recon_mse", 6, 0.9), ("unet/mse", 3, 0.7), ("vision/loss", 3, 0.9)):
+    for key, windows, factor in (("vae/recon_mse", 6, 0.9), ("unet/mse", 3, 0.7), ("vision/loss", 3, 0.9),
+                                 ("llm/loss", 3, 0.8)):
         history = [m.value for m in sorted(c.get_metric_history(r.mlflow_run_id, key), key=lambda m: m.step)]
         assert len(history) == windows and history[-1] < factor * history[0], (key, history)
     assert c.get_run(r.mlflow_run_id).info.status == "FINISHED"
@@ -123,7 +127,7 @@ def test_a_corrupt_image_is_counted_and_skipped(job):
 def test_resubmission_is_a_no_op(job):
     cfg, r, _ = job
     before = snapshot(cfg.output)
-    again = run_decoder_pretraining(cfg)
+    again = run_towers_pretraining(cfg)
     assert again.skipped and again.mlflow_run_id == r.mlflow_run_id and again.metrics == r.metrics
     assert snapshot(cfg.output) == before
 
@@ -132,13 +136,17 @@ def test_a_run_of_the_same_name_resumes_from_its_last_checkpoint(job):
     """Another output, same config: the Ray run's final checkpoint is restored, nothing is retrained."""
     cfg, r, tmp = job
     other = dataclasses.replace(cfg, output=str(tmp / "copy"))
-    again = run_decoder_pretraining(other)
+    again = run_towers_pretraining(other)
     assert not again.skipped and again.mlflow_run_id == r.mlflow_run_id
     a = build_unet(flavor_config("debug", cfg.output).diffusion)
     b = build_unet(flavor_config("debug", other.output).diffusion)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    for part in ("llm", "vision"):  # restored from the checkpoint, not retrained (nor left random)
+        a, b = (Path(storage.download_dir(o, tmp / f"dl-{part}-{i}")) / part for i, o in
+                enumerate((cfg.output, other.output)))
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     steps = [m.step for m in client(cfg.tracking).get_metric_history(r.mlflow_run_id, "resumed_from_step")]
-    assert steps == [cfg.total_steps]
+    assert steps == [sum(p.steps for p in cfg.phases().values())]
 
 
 def test_precompute_encodes_with_the_trained_vae(job, tmp_path):
@@ -164,9 +172,13 @@ def test_precompute_encodes_with_the_trained_vae(job, tmp_path):
     assert not np.allclose(stored, random, atol=0.1 * np.abs(random).max())
 
 
-def test_a_model_on_the_decoder_exports_a_self_contained_checkpoint(job, tmp_path):
-    cfg, _, _ = job
+def test_a_model_on_the_towers_starts_from_the_trained_llm_and_exports_a_self_contained_checkpoint(job, tmp_path):
+    cfg, r, _ = job
     model = DreamLLM.from_config(flavor_config("debug", cfg.output))
+    assert Path(model.cfg.llm.name_or_path).name == "llm"
+    fresh = DreamLLM.from_config(get_flavor("debug"))
+    assert not torch.equal(model.llm.get_input_embeddings().weight, fresh.llm.get_input_embeddings().weight)
+    assert {f"llm_qa_{a}_accuracy" for a in ("color", "shape", "position")} <= set(r.metrics)
     export_checkpoint(model, str(tmp_path / "ckpt"))
     # Elsewhere: another directory, and no local copy of the decoder to point at.
     shutil.copytree(tmp_path / "ckpt", tmp_path / "elsewhere")
@@ -174,6 +186,7 @@ def test_a_model_on_the_decoder_exports_a_self_contained_checkpoint(job, tmp_pat
     shutil.rmtree(model.cfg.diffusion.name_or_path)
     info = json.loads((tmp_path / "elsewhere" / "dreamllm.json").read_text())
     assert info["config"]["diffusion"]["name_or_path"] == "diffusion"
+    assert info["config"]["llm"]["name_or_path"] == "llm"  # a frozen LLM from a local folder travels too
     loaded = load_checkpoint(tmp_path / "elsewhere")
     assert loaded.vae.config.scaling_factor == model.vae.config.scaling_factor
     for part in ("unet", "vae"):
@@ -181,7 +194,7 @@ def test_a_model_on_the_decoder_exports_a_self_contained_checkpoint(job, tmp_pat
             assert torch.equal(p, q)
 
 
-def test_the_trainer_builds_its_model_config_from_the_decoder(job):
+def test_the_trainer_builds_its_model_config_from_the_towers(job):
     from dreamllm_platform.train.config import ModelSpec, TrainConfig
     from dreamllm_platform.train.trainer import model_config_for_data
 
@@ -196,27 +209,30 @@ def test_unfinished_decoders_and_bad_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="is not a finished decoder: decoder.json is missing"):
         flavor_config("debug", str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown config key\(s\) vae.learning_rate; valid keys under vae"):
-        load_config(DecoderConfig, None, ["vae.learning_rate=1"])
+        load_config(TowersConfig, None, ["vae.learning_rate=1"])
     with pytest.raises(ValueError, match="flavor 7b uses Stable Diffusion 2.1's pretrained decoder"):
-        load_config(DecoderConfig, None, ["flavor=7b"])
+        load_config(TowersConfig, None, ["flavor=7b"])
     with pytest.raises(ValueError, match="have a format without image-caption pairs"):
-        load_config(DecoderConfig, None, ["sources.docs.format=mmc4", "sources.docs.uri=mmc4"])
+        load_config(TowersConfig, None, ["sources.docs.format=mmc4", "sources.docs.uri=mmc4"])
     with pytest.raises(ValueError, match="caption_dropout"):
-        load_config(DecoderConfig, None, ["unet.caption_dropout=1.5"])
+        load_config(TowersConfig, None, ["unet.caption_dropout=1.5"])
+    with pytest.raises(ValueError, match=r"llm.mix has unknown text kind\(s\) \['tweets'\]"):
+        load_config(TowersConfig, None, ["llm.mix.tweets=1"])
 
 
-def test_configs_decoder_yaml_is_the_embedded_defaults():
-    assert load_config(DecoderConfig, ROOT / "configs/decoder.yaml") == DecoderConfig()
-    assert DecoderConfig().output == "outputs/decoder/small"
+def test_configs_towers_yaml_is_the_embedded_defaults():
+    assert load_config(TowersConfig, ROOT / "configs/towers.yaml") == TowersConfig()
+    assert TowersConfig().output == "outputs/towers/small"
 
 
 def test_the_job_exits_with_a_one_line_reason(capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pretrain_decoder", ROOT / "jobs/pretrain_decoder.py")
+    spec = importlib.util.spec_from_file_location("pretrain_towers", ROOT / "jobs/pretrain_towers.py")
     job_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job_module)
     with pytest.raises(SystemExit) as e:
         job_module.main(["--set", "unet.lr=-1"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "config error: unet.lr must be > 0 and unet.weight_decay >= 0"
+    assert capsys.readouterr().err.strip() == \
+        "config error: unet.lr must be > 0, unet.weight_decay and unet.warmup_steps >= 0"

@@ -1,10 +1,12 @@
-"""The config of the decoder-pretraining job: typed sections loaded from YAML with `--set` overrides.
+"""The config of the towers job: typed sections loaded from YAML with `--set` overrides.
 
-Owns: every knob of jobs/pretrain_decoder.py (flavor, image-caption sources,
-the VAE phase, the UNet + text-encoder phase, samples, scaling, checkpoints,
-tracking) with a docstring per field and checks in `__post_init__`, and the
-hash of the settings that change the trained weights (a finished output with
-the same hash is not trained again).
+Owns: every knob of jobs/pretrain_towers.py (flavor, image-caption sources,
+one section per phase: VAE, UNet + text encoder, CLIP vision tower, LLM on
+text; samples, scaling, checkpoints, tracking) with a docstring per field and
+checks in `__post_init__`, and the hash of the settings that change the
+trained weights (a finished output with the same hash is not trained again).
+Every phase section has the keys of `PhaseSpec` (steps, lr, warm-up, batch,
+weight decay, gradient clipping) plus its own.
 """
 from __future__ import annotations
 
@@ -18,27 +20,48 @@ from dreamllm.config import FLAVORS, check, get_flavor
 from ..data.config import SourceConfig, SyntheticConfig, resolve_uri
 from ..storage import StorageConfig
 from ..tracking import TrackingConfig
-from ..train.config import ScalingSpec
+from ..train.config import CheckpointSpec, ScalingSpec
 
 PAIR_FORMATS = ("webdataset", "laion_parquet")
 """Source formats holding image-caption pairs (img2dataset tars, parquet with image bytes + caption)."""
 
 
 @dataclass
-class VaePhase:
-    """Phase 1: the VAE (AutoencoderKL of the flavor's sizes) as an autoencoder, SD-style."""
+class PhaseSpec:
+    """What every phase has: its optimizer steps and their schedule (one loop runs every phase)."""
 
-    steps: int = 600
-    """Optimizer steps."""
-    lr: float = 2e-3
+    steps: int = 100
+    """Optimizer steps (0: the phase is skipped and its part keeps its initial weights)."""
+    lr: float = 1e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to 0)."""
     warmup_steps: int = 20
     """Steps of linear learning-rate warm-up."""
-    batch_size: int = 16
-    """Images per step per worker."""
-    crop: int | None = 16
+    batch_size: int = 32
+    """Examples per step per worker."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip (0 disables), as the stages' `deepspeed.gradient_clipping`."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__.removesuffix("Phase").lower()
+        check(self.steps >= 0 and self.batch_size >= 1, f"{name}.steps must be >= 0 and {name}.batch_size >= 1")
+        check(self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0,
+              f"{name}.lr must be > 0, {name}.weight_decay and {name}.warmup_steps >= 0")
+        check(self.gradient_clipping >= 0, f"{name}.gradient_clipping must be >= 0")
+
+
+@dataclass
+class VaePhase(PhaseSpec):
+    """Phase 1: the VAE (AutoencoderKL of the flavor's sizes) as an autoencoder, SD-style."""
+
+    steps: int = 1200
+    lr: float = 2e-3
+    batch_size: int = 32
+    crop: int | None = None
     """Side of the random square crop trained on (None: whole images). The VAE is convolutional, so it
-    learns from crops and encodes whole images; SD trained its VAE on 256-px crops for 512-px use."""
+    can learn from crops and encode whole images, as SD trained its VAE on 256-px crops for 512-px use;
+    at 32 px a 16-px crop rarely holds a whole shape, and the shapes come back blurred."""
     kl_weight: float = 1e-6
     """Weight of the KL term against the reconstruction MSE summed over the image, as in SD's VAE."""
     init_logvar: float | None = -6.0
@@ -48,27 +71,20 @@ class VaePhase:
     """Images whose latents set the scaling factor (1 / std, as SD computed its 0.18215)."""
 
     def __post_init__(self) -> None:
-        check(self.steps >= 1 and self.batch_size >= 1, "vae.steps and vae.batch_size must be >= 1")
-        check(self.warmup_steps >= 0, "vae.warmup_steps must be >= 0")
-        check(self.lr > 0 and self.kl_weight >= 0, "vae.lr must be > 0 and vae.kl_weight >= 0")
+        super().__post_init__()
+        check(self.steps >= 1, "vae.steps must be >= 1: the UNet learns on its latents")
+        check(self.kl_weight >= 0, "vae.kl_weight must be >= 0")
         check(self.crop is None or self.crop >= 8, "vae.crop must be >= 8 pixels (or null for whole images)")
         check(self.scaling_images >= 2, "vae.scaling_images must be >= 2")
 
 
 @dataclass
-class UnetPhase:
+class UnetPhase(PhaseSpec):
     """Phase 2: the UNet and the text encoder, jointly, on the frozen VAE's latents (DDPM noise prediction)."""
 
     steps: int = 1000
-    """Optimizer steps."""
     lr: float = 2e-3
-    """Peak AdamW learning rate of the UNet and the text encoder (linear warm-up, cosine decay to 0)."""
-    batch_size: int = 32
-    """Images per step per worker."""
-    warmup_steps: int = 20
-    """Steps of linear learning-rate warm-up."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
     caption_dropout: float = 0.1
     """Probability of training on the empty caption instead, so that classifier-free guidance works."""
     timestep_power: float = 2.0
@@ -80,37 +96,57 @@ class UnetPhase:
     faster than the plain MSE by not letting the easy low-noise timesteps dominate; None: plain MSE."""
 
     def __post_init__(self) -> None:
-        check(self.steps >= 1 and self.batch_size >= 1, "unet.steps and unet.batch_size must be >= 1")
-        check(self.lr > 0 and self.weight_decay >= 0, "unet.lr must be > 0 and unet.weight_decay >= 0")
-        check(self.warmup_steps >= 0, "unet.warmup_steps must be >= 0")
+        super().__post_init__()
+        check(self.steps >= 1, "unet.steps must be >= 1")
         check(0.0 <= self.caption_dropout < 1.0, "unet.caption_dropout must be in [0, 1)")
         check(self.snr_gamma is None or self.snr_gamma > 0, "unet.snr_gamma must be > 0 or null")
         check(self.timestep_power > 0, "unet.timestep_power must be > 0")
 
 
 @dataclass
-class VisionPhase:
+class VisionPhase(PhaseSpec):
     """Phase 3: the flavor's CLIP vision tower, trained with CLIP's contrastive objective against a text tower
     of its own (discarded afterwards), for flavors without a pretrained CLIP offline. DreamLLM keeps it frozen,
     as the paper keeps CLIP ViT-L frozen: a random tower's patch tokens hold the picture only locally, and a
     from-scratch LLM spends hundreds of steps learning to find the shape among them."""
 
     steps: int = 400
-    """Optimizer steps (0: no vision tower is trained; the flavor's random one stays)."""
     lr: float = 1e-3
-    """Peak AdamW learning rate (linear warm-up, cosine decay to 0)."""
     batch_size: int = 128
     """Image-caption pairs per step per worker: the contrastive negatives are the batch's other captions."""
-    warmup_steps: int = 20
-    """Steps of linear learning-rate warm-up."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
 
     def __post_init__(self) -> None:
-        check(self.steps >= 0, "vision.steps must be >= 0")
+        super().__post_init__()
         check(self.batch_size >= 2, "vision.batch_size must be >= 2 (the other pairs are the negatives)")
-        check(self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0,
-               "vision.lr must be > 0, vision.weight_decay and vision.warmup_steps >= 0")
+
+
+@dataclass
+class LlmPhase(PhaseSpec):
+    """Phase 4: the flavor's LLM (a random Llama of its sizes) as a causal LM on text, so that the stages
+    start from a language model as the paper's start from Vicuna. The text is the job's captions, the
+    bundled corpus the tokenizer was trained on, and, for the synthetic set, conversations about scenes in
+    the chat template of stage III with the scene's caption where the image will be (USER: <caption> What
+    color is the circle? ASSISTANT: green), so the LLM learns to answer from what is before the question."""
+
+    steps: int = 600
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    mix: dict[str, float] = field(default_factory=lambda: {"captions": 1.0, "conversations": 2.0, "corpus": 0.5})
+    """Text kind -> sampling weight per example: captions (of the job's image-caption sources),
+    conversations (synthetic scenes, chat template) and corpus (the bundled text, one line per example)."""
+    scored: int = 40
+    """Held-out synthetic scenes whose 3 questions the LLM answers at the end from the caption in context,
+    for the `llm_qa_<attribute>_accuracy` metrics (0: none)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        known = ("captions", "conversations", "corpus")
+        bad = sorted(set(self.mix) - set(known))
+        check(not bad, f"llm.mix has unknown text kind(s) {bad}; valid: {', '.join(known)}")
+        check(any(w > 0 for w in self.mix.values()) and all(w >= 0 for w in self.mix.values()),
+              "llm.mix needs weights >= 0, at least one > 0")
 
 
 @dataclass
@@ -171,19 +207,19 @@ def _default_sources() -> dict[str, SourceConfig]:
 
 
 @dataclass
-class DecoderConfig:
-    """Pretrain the frozen towers of a flavor that has no pretrained ones: the image decoder (VAE, then UNet + text
-    encoder) and the CLIP vision tower."""
+class TowersConfig:
+    """Pretrain the towers of a flavor that has no pretrained ones: the image decoder (VAE, then UNet + text
+    encoder), the CLIP vision tower and the LLM."""
 
     flavor: str = "small"
-    """Flavor whose decoder sizes are trained: small or debug (7b uses Stable Diffusion 2.1's decoder)."""
+    """Flavor whose towers are trained: small or debug (7b uses Vicuna, CLIP ViT-L and Stable Diffusion 2.1)."""
     data_root: str = "outputs/synthetic"
     """Base URI of relative source URIs (s3://bucket/prefix or a local dir)."""
     sources: dict[str, SourceConfig] = field(default_factory=_default_sources)
     """Named image-caption sets: format webdataset (img2dataset tars) or laion_parquet."""
     output: str | None = None
-    """Where the decoder goes (local dir or s3://), in the diffusers Stable Diffusion layout;
-    default: outputs/decoder/<flavor>."""
+    """Where the towers go (local dir or s3://): the decoder in the diffusers Stable Diffusion layout, plus
+    vision/ and llm/; default: outputs/towers/<flavor>."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The synthetic set written into data_root first when it is not there (enabled: true)."""
     vae: VaePhase = field(default_factory=VaePhase)
@@ -192,6 +228,8 @@ class DecoderConfig:
     """Phase 2: the UNet and text encoder."""
     vision: VisionPhase = field(default_factory=VisionPhase)
     """Phase 3: the CLIP vision tower (contrastive)."""
+    llm: LlmPhase = field(default_factory=LlmPhase)
+    """Phase 4: the LLM on text."""
     text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
     """Sizes of the text encoder."""
     samples: SampleSpec = field(default_factory=SampleSpec)
@@ -205,14 +243,10 @@ class DecoderConfig:
     cache: bool = True
     """Decode the images once into Ray's object store before training, so later epochs only read them back;
     false streams (reads and decodes) every epoch, for sets larger than the object store."""
-    storage_path: str = "outputs/ray_results"
-    """RunConfig.storage_path of the Ray Train checkpoints (s3:// for multi-node runs)."""
-    checkpoint_every: int = 100
-    """Steps (over both phases) between Ray Train checkpoints, and one at the end."""
-    max_failures: int = 2
-    """Worker-group restarts from the last checkpoint before the run fails."""
+    checkpoint: CheckpointSpec = field(default_factory=lambda: CheckpointSpec(every_n_steps=100))
+    """Ray Train checkpoints: storage path, steps between them (counted over all phases), restarts."""
     run_name: str | None = None
-    """Ray and MLflow run name; the same name resumes. Default: decoder-<flavor>-<config hash>."""
+    """Ray and MLflow run name; the same name resumes. Default: towers-<flavor>-<config hash>."""
     seed: int = 0
     """Seed of init, data order, noise and samples."""
     log_every: int = 25
@@ -232,20 +266,20 @@ class DecoderConfig:
         check(bool(enabled), "at least one enabled source is needed")
         bad = sorted(n for n, s in enabled.items() if s.format not in PAIR_FORMATS)
         check(not bad, f"source(s) {bad} have a format without image-caption pairs; valid: {', '.join(PAIR_FORMATS)}")
-        check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+        check(self.log_every >= 1, "log_every must be >= 1")
         check(self.data_cpus > 0, "data_cpus must be > 0")
         width = get_flavor(self.flavor).diffusion.cross_attention_dim
         check(width % self.text_encoder.num_heads == 0,
                f"text_encoder.num_heads {self.text_encoder.num_heads} must divide the text encoder's width {width} "
                f"(the flavor's cross-attention dim)")
         if self.output is None:
-            self.output = f"outputs/decoder/{self.flavor}"
+            self.output = f"outputs/towers/{self.flavor}"
         if self.run_name is None:
-            self.run_name = f"decoder-{self.flavor}-{self.config_hash()}"
+            self.run_name = f"towers-{self.flavor}-{self.config_hash()}"
 
-    @property
-    def total_steps(self) -> int:
-        return self.vae.steps + self.unet.steps + self.vision.steps
+    def phases(self) -> dict[str, PhaseSpec]:
+        """The phases in the order they run."""
+        return {"vae": self.vae, "unet": self.unet, "vision": self.vision, "llm": self.llm}
 
     def source_uris(self) -> dict[str, SourceConfig]:
         """Enabled sources with URIs resolved against data_root."""
@@ -261,7 +295,7 @@ class DecoderConfig:
         sources = {n: dataclasses.asdict(s) for n, s in self.sources.items() if s.enabled}
         relevant = {"flavor": self.flavor, "data_root": self.data_root, "sources": sources,
                     "vae": dataclasses.asdict(self.vae), "unet": dataclasses.asdict(self.unet),
-                    "vision": dataclasses.asdict(self.vision),
+                    "vision": dataclasses.asdict(self.vision), "llm": dataclasses.asdict(self.llm),
                     "text_encoder": dataclasses.asdict(self.text_encoder), "seed": self.seed,
                     "num_workers": self.scaling.num_workers}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
