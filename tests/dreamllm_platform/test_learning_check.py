@@ -268,3 +268,23 @@ def test_configs_learning_check_yaml_is_the_embedded_defaults_and_bad_values_are
         load_config(LearningJobConfig, None, ["check.prompts=0"])
     with pytest.raises(ValueError, match="valid keys under check"):
         load_config(LearningJobConfig, None, ["check.promtps=3"])
+
+
+def test_the_curve_table_and_plot_mark_chance_and_the_towers_ceiling():
+    from PIL import Image as PILImage
+    import io as _io
+
+    from dreamllm_platform.evaluation.learning import (chance_levels, curve_metrics, curve_plot, curve_table,
+                                                       towers_ceiling)
+
+    figures = {f"{k}.{a}": 0.1 * i for i, (k, a) in enumerate(
+        (k, a) for k in ("comprehension", "creation") for a in ("color", "shape", "position"))}
+    curve = {name: {k: min(1.0, v + 0.1 * j) for k, v in figures.items()}
+             for j, name in enumerate(("untrained", "align", "igpt", "sft"))}
+    ceiling = towers_ceiling({"sample_color_accuracy": 0.7, "llm_qa_shape_accuracy": 0.9, "recon_mse": 0.01})
+    assert ceiling == {"creation.color": 0.7, "comprehension.shape": 0.9}
+    rows = {line.split()[0]: line.split()[1:] for line in curve_table(curve, ceiling).splitlines()[1:]}
+    assert rows["creation.color"] == ["0.300", "0.400", "0.500", "0.600", "0.700", f"{chance_levels()['color']:.3f}"]
+    assert curve_metrics(curve)["learning.igpt.creation.color"] == pytest.approx(0.5)
+    png = PILImage.open(_io.BytesIO(curve_plot(curve, ceiling)))
+    assert png.format == "PNG" and png.size[0] > 600
