@@ -37,14 +37,15 @@ WEIGHTS_FILE = "trainable.safetensors"
 def save_checkpoint(model: DreamLLM, path: str | Path, metadata: dict | None = None) -> Path:
     """Write `model` to directory `path` (created); returns the path.
 
-    The LLM is written when its stage trained it or it does not come from an
-    HF id; frozen parts are written unless they come from an HF id (a local
-    directory would not exist where the checkpoint is loaded).
+    The LLM is written when its stage trained it, it has no pretrained source
+    or its config says `copy_into_checkpoints`; frozen parts are written unless
+    they come from an HF id (a local directory would not exist where the
+    checkpoint is loaded).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = DreamLLMConfig.from_dict(model.cfg.to_dict())  # a copy whose sources we may point inside the checkpoint
-    if model.llm_trainable or _not_from_hub(cfg.llm.name_or_path):
+    if model.llm_trainable or not cfg.llm.name_or_path or cfg.llm.copy_into_checkpoints:
         model.llm.save_pretrained(path / "llm")
         cfg.llm.name_or_path = "llm"
     if _not_from_hub(cfg.vision.name_or_path):

@@ -45,6 +45,10 @@ class LLMConfig:
     """Maximum sequence length in tokens; documents are cut at whole chunks to fit."""
     seed: int = 0
     """Seed of the random init, so that every process builds the same weights."""
+    copy_into_checkpoints: bool = False
+    """Write the LLM into every checkpoint even when a stage keeps it frozen and it comes from a local folder
+    (the towers job's small LLM, in a node's cache). False keeps a frozen local LLM (a local Vicuna) a
+    reference by path, as an HF id is."""
 
     def __post_init__(self) -> None:
         check(self.hidden_size % self.num_heads == 0, "llm.hidden_size must be divisible by llm.num_heads")

@@ -84,4 +84,5 @@ def flavor_config(flavor: str, decoder: str | None = None, st: StorageConfig | N
         cfg.vision.name_or_path = str(towers / "vision")
     if (towers / "llm" / "config.json").is_file():  # and its LLM, on text
         cfg.llm.name_or_path = str(towers / "llm")
+        cfg.llm.copy_into_checkpoints = True  # the node's cache is not where a checkpoint is loaded
     return cfg
