@@ -19,10 +19,11 @@ from dreamllm.checkpoint import load_checkpoint, save_checkpoint
 from dreamllm.config import DreamLLMConfig, get_flavor
 
 from . import storage
+from .model_registry import resolve_model_ref
 from .storage import StorageConfig
-from .tracking import TrackingConfig, resolve_model_ref
+from .tracking import TrackingConfig
 
-CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-checkpoints"
+CACHE_DIR = storage.CHECKPOINT_CACHE_DIR
 DECODER_CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-decoders"
 DECODER_FILE = "decoder.json"
 """Written last into a decoder directory by jobs/pretrain_decoder.py: without it the directory is unfinished."""

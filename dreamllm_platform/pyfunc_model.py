@@ -3,11 +3,12 @@
 Owns: the request format of the pyfunc model and answering it with
 `dreamllm.generation` (chat, text-to-image, free-form interleaved documents).
 The logged model holds no weights, only the checkpoint URI in its model
-config; `load_context` loads that checkpoint through
-`dreamllm_platform.checkpoints` (object storage is downloaded once per node).
+config; `load_context` loads that checkpoint with `load_checkpoint_uri`
+(object storage is downloaded once per node).
 
 This module subclasses MLflow's `PythonModel` (the interface MLflow calls) but
-never talks to a tracking server or registry: that is `tracking`'s job alone.
+never talks to a tracking server or registry: that is `tracking`'s and
+`model_registry`'s job alone.
 
 Requests (a dict, a list of dicts, or a DataFrame with one request per row):
   {"task": "chat", "messages": [{"role": "user", "content": "What colour is it?"
@@ -146,16 +147,30 @@ def as_requests(model_input: Any) -> list[dict]:
     raise ValueError(f"expected a request dict, a list of them or a DataFrame, got {type(model_input).__name__}")
 
 
+def load_checkpoint_uri(uri: str):
+    """The `DreamLLM` (eval mode, CPU) of the checkpoint at storage URI `uri` (local, file:// or s3://).
+
+    The pyfunc model's own loader. Its model config holds a storage URI (the
+    registry stores one, never a models:/ reference), so storage and the
+    checkpoint format suffice; `checkpoints.load_model` would also resolve
+    references through the registry, which imports this module to write the
+    model: an import cycle.
+    """
+    from dreamllm.checkpoint import load_checkpoint
+
+    from . import storage
+
+    return load_checkpoint(storage.download_dir(uri, storage.CHECKPOINT_CACHE_DIR), device="cpu")
+
+
 class DreamLLMPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc model: a DreamLLM checkpoint named by URI in the model config."""
 
     def load_context(self, context) -> None:
-        from .checkpoints import load_model
-
         uri = (context.model_config or {}).get("checkpoint_uri")
         if not uri:
             raise ValueError("this pyfunc model has no checkpoint_uri in its model_config")
-        self.model = load_model(uri)
+        self.model = load_checkpoint_uri(uri)
 
     def predict(self, context, model_input, params=None) -> list[dict]:
         return [answer(self.model, r, f"request {i}") for i, r in enumerate(as_requests(model_input))]

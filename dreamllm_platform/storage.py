@@ -38,6 +38,8 @@ class StorageConfig:
 
 
 _DEFAULT = StorageConfig()
+CHECKPOINT_CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-checkpoints"
+"""Where remote DreamLLM checkpoints are downloaded on a node (`checkpoints` and the pyfunc model share it)."""
 
 
 def is_remote(uri: str) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .. import storage, tracking
+from .. import model_registry, storage, tracking
 from ..checkpoints import load_model, local_checkpoint
 from ..data.synthetic import Scene, jpeg
 from ..storage import StorageConfig
@@ -246,7 +246,7 @@ def run_learning_check(cfg: LearningJobConfig, device: str | None = None) -> Lea
     start = time.time()
     track, ref, version_run = cfg.tracking, cfg.model, None
     if ref.startswith("models:/"):
-        mv = tracking.get_version(track, ref)  # pin the number: an alias may move while we check
+        mv = model_registry.get_version(track, ref)  # pin the number: an alias may move while we check
         track = dataclasses.replace(track, registered_model=mv.name)
         ref, version_run = f"models:/{mv.name}/{mv.version}", mv.run_id
     path = local_checkpoint(ref, track)
