@@ -20,25 +20,44 @@ from contextlib import contextmanager
 from typing import Any, Mapping
 
 from . import tracking
-from .tracking import CHECKPOINT_URI_TAG, TrackingConfig, client, tracking_uri
+from .mlflow_tags import CHECKPOINT_URI_TAG, MODEL_VERSION_TAG
+from .tracking import TrackingConfig, client, tracking_uri
+
+MODELS_PREFIX = "models:/"
+
+
+def is_model_ref(ref: str) -> bool:
+    """Whether `ref` names a registered version (`models:/...`) rather than a storage URI."""
+    return str(ref).startswith(MODELS_PREFIX)
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """(NAME, VERSION) of `models:/NAME/VERSION` and (NAME, "@ALIAS") of `models:/NAME@ALIAS`: the one
+    parser of registry references. ValueError naming `ref` and the expected forms for anything else."""
+    body = str(ref)[len(MODELS_PREFIX):] if is_model_ref(ref) else ""
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        version = "@" + alias
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+    else:
+        name = version = ""
+    if not name or version in ("", "@"):
+        raise ValueError(f"model reference {ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version
+
+
+def version_ref(name: str, version: str) -> str:
+    """The reference `models:/NAME/VERSION` of one version (pinned: an alias may move, a number does not)."""
+    return f"{MODELS_PREFIX}{name}/{version}"
 
 
 def resolve_model_ref(ref: str, cfg: TrackingConfig | None = None) -> str:
     """A checkpoint URI for `ref`: `models:/NAME@ALIAS` or `models:/NAME/VERSION` are looked up in
     the registry (the version's checkpoint-URI tag); any other string is already a URI."""
-    if not ref.startswith("models:/"):
+    if not is_model_ref(ref):
         return ref
-    cfg = cfg or TrackingConfig()
-    body = ref[len("models:/"):]
-    c = client(cfg)
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        version = c.get_model_version_by_alias(name, alias)
-    elif "/" in body:
-        name, number = body.split("/", 1)
-        version = c.get_model_version(name, number)
-    else:
-        raise ValueError(f"model reference {ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    version = get_version(cfg or TrackingConfig(), ref)
     uri = version.tags.get(CHECKPOINT_URI_TAG)
     if not uri:
         raise ValueError(f"{ref} (version {version.version}) has no {CHECKPOINT_URI_TAG} tag")
@@ -57,23 +76,15 @@ def get_version(cfg: TrackingConfig, ref: str):
     """The `ModelVersion` that `ref` names; ValueError naming the model and what exists when there is none."""
     from mlflow.exceptions import MlflowException
 
-    name, ref = cfg.registered_model, str(ref)
-    if ref.startswith("models:/"):
-        body = ref[len("models:/"):]
-        if "@" in body:
-            name, ref = body.split("@", 1)[0], "@" + body.split("@", 1)[1]
-        elif "/" in body:
-            name, ref = body.rsplit("/", 1)
-        else:
-            raise ValueError(f"model reference {ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, ref = parse_model_ref(ref) if is_model_ref(ref) else (cfg.registered_model, str(ref))
     c = client(cfg)
     if not ref.startswith("@") and not ref.isdigit():
         raise ValueError(f"model version {ref!r}: expected a number, @ALIAS or models:/NAME@ALIAS")
     try:
         mv = c.get_model_version_by_alias(name, ref[1:]) if ref.startswith("@") else c.get_model_version(name, ref)
         mv._version = str(mv.version)  # the sqlite store gives ints, a server strings: strings everywhere here
-        if mv.model_id is None and str(mv.source).startswith("models:/m-"):
-            mv._model_id = mv.source[len("models:/"):]  # the sqlite store does not return model_id; source has it
+        if mv.model_id is None and str(mv.source).startswith(MODELS_PREFIX + "m-"):
+            mv._model_id = mv.source[len(MODELS_PREFIX):]  # the sqlite store does not return model_id; source has it
         return mv
     except MlflowException as e:
         if not _is_missing(e):
@@ -155,7 +166,7 @@ def register_checkpoint_version(cfg: TrackingConfig, checkpoint_uri: str, run_id
         if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
     with _global_tracking_uri(tracking_uri(cfg)):
-        mv = c.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id, tags=all_tags,
+        mv = c.create_model_version(name, source=f"{MODELS_PREFIX}{model.model_id}", run_id=run_id, tags=all_tags,
                                     description=description, model_id=model.model_id)
     return get_version(cfg, str(mv.version))
 
@@ -190,7 +201,7 @@ def log_version_evaluation(cfg: TrackingConfig, version: str, metrics: Mapping[s
     mv = get_version(cfg, version)
     c = client(cfg)
     with tracking.run(cfg, f"evaluate-{cfg.registered_model}-v{mv.version}-{int(_now_ms())}",
-                      params=params, tags={"dreamllm.model_version": mv.version}) as (run_id, _):
+                      params=params, tags={MODEL_VERSION_TAG: mv.version}) as (run_id, _):
         for k, v in metrics.items():
             c.log_metric(run_id, k, float(v), model_id=mv.model_id)
     set_version_tags(cfg, mv.version, {**{f"{tag_prefix}{k}": repr(float(v)) for k, v in metrics.items()},

@@ -28,16 +28,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import model_registry, storage, tracking
+from .mlflow_tags import (EVAL_SET_TAG, EVAL_TAG_PREFIX, FLAVOR_TAG, FORCE_REASON_TAG, GATE_TAG, MOVE_TAG_PREFIX,
+                          PREVIOUS_CHAMPION_TAG, REGISTERED_BY_TAG, STAGE_TAG)
 from .storage import StorageConfig
 from .tracking import TrackingConfig
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-EVAL_TAG_PREFIX = "dreamllm.eval."
-EVAL_SET_TAG = "dreamllm.eval.dataset"
-MOVE_TAG_PREFIX = "dreamllm.move."
-PREVIOUS_CHAMPION_TAG = "dreamllm.previous_champion"
-FORCE_REASON_TAG = "dreamllm.force_reason"
-GATE_TAG = "dreamllm.gate"
 _NOT_METRICS = ("run_id", "dataset")
 
 
@@ -157,8 +153,7 @@ def register(cfg: RegistryConfig, checkpoint_uri: str, run_id: str | None = None
     if run_id and not tracking.run_exists(cfg.tracking, run_id):
         run_id = None  # trained against another tracking store: nothing here to link to
     who = who or current_user()
-    tags = {"dreamllm.stage": info["stage"], "dreamllm.flavor": info["config"].get("flavor", ""),
-            "dreamllm.registered_by": who}
+    tags = {STAGE_TAG: info["stage"], FLAVOR_TAG: info["config"].get("flavor", ""), REGISTERED_BY_TAG: who}
     params = {"stage": info["stage"], "flavor": info["config"].get("flavor", ""), "llm_trained": info["llm_trained"],
               **{f"metadata.{k}": v for k, v in meta.items()}}
     mv = model_registry.register_checkpoint_version(cfg.tracking, checkpoint_uri, run_id, tags, params,

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-RUN_NAME_TAG = "dreamllm.ray_run_name"
-CHECKPOINT_URI_TAG = "dreamllm.checkpoint_uri"
+# CHECKPOINT_URI_TAG is re-exported until dreamllm_platform/train/loop.py imports it from mlflow_tags.
+from .mlflow_tags import CHECKPOINT_URI_TAG, RUN_NAME_TAG  # noqa: F401
+
 DEFAULT_DB = "outputs/mlflow.db"
 
 

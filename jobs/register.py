@@ -13,6 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout or a Ray working dir
 
 from dreamllm_platform.config import add_config_args, load_config  # noqa: E402
+from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG  # noqa: E402
+from dreamllm_platform.model_registry import version_ref  # noqa: E402
 from dreamllm_platform.registry import RegistryConfig, register  # noqa: E402
 from dreamllm_platform.tracking import tracking_uri  # noqa: E402
 
@@ -31,8 +33,8 @@ def main(argv=None) -> int:
         print(f"register failed: {e}", file=sys.stderr)
         return 1
     print(f"registered {mv.name} version {mv.version} ({tracking_uri(cfg.tracking)})")
-    print(f"  checkpoint     {mv.tags.get('dreamllm.checkpoint_uri')}")
-    print(f"  logged model   {mv.model_id} (pyfunc: mlflow.pyfunc.load_model('models:/{mv.name}/{mv.version}'))")
+    print(f"  checkpoint     {mv.tags.get(CHECKPOINT_URI_TAG)}")
+    print(f"  logged model   {mv.model_id} (pyfunc: mlflow.pyfunc.load_model('{version_ref(mv.name, mv.version)}'))")
     print(f"  training run   {mv.run_id or 'not linked'}")
     print(f"  alias          candidate -> v{mv.version} (was {move.previous or 'none'})")
     return 0

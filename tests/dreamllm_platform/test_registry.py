@@ -22,6 +22,7 @@ from dreamllm_platform import model_registry, tracking
 from dreamllm_platform.checkpoints import export_checkpoint
 from dreamllm_platform.config import load_config
 from dreamllm_platform.evaluation.tiny import save_tiny_clip, save_tiny_inception
+from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG
 from dreamllm_platform.registry import RegistryConfig, check_gate, history
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +77,7 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     assert model_registry.resolve_model_ref("models:/dreamllm@candidate", env["tracking"]) == env["good"]
     assert v1.source == f"models:/{v1.model_id}"
     logged = c.get_logged_model(v1.model_id)
-    assert logged.source_run_id == env["run_id"] and logged.tags[tracking.CHECKPOINT_URI_TAG] == env["good"]
+    assert logged.source_run_id == env["run_id"] and logged.tags[CHECKPOINT_URI_TAG] == env["good"]
     files = {a.path for a in c.list_logged_model_artifacts(v1.model_id)}
     assert "MLmodel" in files and not any(f.endswith(".safetensors") for f in files)  # not copied
     mlmodel = (Path(urlparse(logged.artifact_location).path) / "MLmodel").read_text()
@@ -231,6 +232,17 @@ def test_gate_compares_direction_and_tolerance_and_the_eval_set():
         GateMetric(tolerance=-1)
 
 
+def test_model_references_parse_in_one_place():
+    assert model_registry.parse_model_ref("models:/dreamllm@champion") == ("dreamllm", "@champion")
+    assert model_registry.parse_model_ref("models:/dreamllm/3") == ("dreamllm", "3")
+    assert model_registry.version_ref("dreamllm", "3") == "models:/dreamllm/3"
+    assert model_registry.is_model_ref("models:/x/1") and not model_registry.is_model_ref("s3://b/models:/x")
+    for bad in ("models:/dreamllm", "models:/@champion", "models:/dreamllm@", "models:/dreamllm/", "s3://b/k"):
+        with pytest.raises(ValueError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+            model_registry.parse_model_ref(bad)
+    assert model_registry.resolve_model_ref("s3://b/ckpt") == "s3://b/ckpt"  # a URI is not looked up
+
+
 def test_configs_promote_yaml_is_the_embedded_defaults():
     assert load_config(RegistryConfig, ROOT / "configs/promote.yaml") == RegistryConfig()
 
@@ -246,7 +258,7 @@ def test_a_checkpoint_in_object_storage_is_referenced_by_uri_and_loads_from_ther
             storage.write_bytes(f"{remote}/{f.relative_to(env['good'])}", f.read_bytes())
     cfg = load_config(RegistryConfig, None, [f"tracking.tracking_uri={env['uri']}"])
     mv, move = register(cfg, remote, who="erin")
-    assert mv.tags[tracking.CHECKPOINT_URI_TAG] == remote and move.alias == "candidate"
+    assert mv.tags[CHECKPOINT_URI_TAG] == remote and move.alias == "candidate"
     assert mv.run_id == env["run_id"]  # read from dreamllm.json in the bucket
     files = {a.path for a in MlflowClient(env["uri"]).list_logged_model_artifacts(mv.model_id)}
     assert not any(f.endswith(".safetensors") for f in files)
