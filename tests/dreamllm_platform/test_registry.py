@@ -202,8 +202,10 @@ def test_unknown_versions_aliases_and_missing_metrics_are_named(env, capsys):
     err = capsys.readouterr().err
     for name in ("val_loss_lm", "val_loss_diffusion", "qa_exact_match"):
         assert f"{name}: missing on version" in err
-    assert promote([*S, "--set", "gate.metrics={}"]) == 1
-    assert "gate.metrics needs at least one metric" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a bad config: exit 2 with one line, as in every job
+        promote([*S, "--set", "gate.metrics={}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "config error: gate.metrics needs at least one metric"
 
 
 def test_gate_compares_direction_and_tolerance_and_the_eval_set():
