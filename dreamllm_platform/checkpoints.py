@@ -43,7 +43,7 @@ def load_model(ref: str, device="cpu", dtype=None, tracking: TrackingConfig | No
 def export_checkpoint(model, uri: str, metadata: dict | None = None) -> str:
     """Write `model` as a DreamLLM checkpoint at `uri` (local dir or s3://); returns the URI."""
     if not storage.is_remote(uri):
-        save_checkpoint(model, Path(uri.removeprefix("file://")), metadata)
+        save_checkpoint(model, storage.local_path(uri), metadata)
         return uri
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, tmp, metadata)

@@ -128,7 +128,7 @@ def checkpoint_info(uri: str, st: StorageConfig | None = None) -> dict:
     from dreamllm.checkpoint import CONFIG_FILE, read_checkpoint_info  # torch et al.: only when registering
 
     if not storage.is_remote(uri):
-        return read_checkpoint_info(Path(uri.removeprefix("file://")))
+        return read_checkpoint_info(storage.local_path(uri))
     try:
         data = storage.read_bytes(storage.join(uri, CONFIG_FILE), st)
     except FileNotFoundError:
@@ -146,7 +146,7 @@ def register(cfg: RegistryConfig, checkpoint_uri: str, run_id: str | None = None
     (ModelVersion, the candidate Move).
     """
     if not storage.is_remote(checkpoint_uri):  # a local path is stored absolute: the registry outlives the cwd
-        checkpoint_uri = str(Path(checkpoint_uri.removeprefix("file://")).resolve())
+        checkpoint_uri = str(storage.local_path(checkpoint_uri))
     info = checkpoint_info(checkpoint_uri, cfg.storage)
     meta = info.get("metadata", {})
     run_id = run_id or meta.get("mlflow_run_id")

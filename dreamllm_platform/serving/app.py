@@ -20,8 +20,6 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
-from urllib.parse import urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +28,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dreamllm_platform import storage
 from dreamllm_platform.sampling import data_url, encode_image
 
 from .config import ServeConfig
@@ -320,8 +319,8 @@ def check_model_ref(cfg: ServeConfig) -> None:
     if not cfg.model.uri:
         raise ValueError("model.uri is required: a DreamLLM checkpoint directory, file://, s3:// or models:/ URI "
                          "(e.g. --set model.uri=models:/dreamllm@champion)")
-    if urlparse(cfg.model.uri).scheme in ("", "file"):  # a local checkpoint is checked here, others on load
-        local = Path(cfg.model.uri.removeprefix("file://"))
+    if storage.is_local(cfg.model.uri):  # a local checkpoint is checked here, others on load
+        local = storage.local_path(cfg.model.uri)
         if not (local / "dreamllm.json").is_file():
             raise ValueError(f"model.uri {cfg.model.uri}: not a DreamLLM checkpoint (no dreamllm.json there)")
 
