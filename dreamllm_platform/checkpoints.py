@@ -19,10 +19,11 @@ from dreamllm.checkpoint import load_checkpoint, save_checkpoint
 from dreamllm.config import DreamLLMConfig, get_flavor
 
 from . import storage
+from .model_registry import resolve_model_ref
 from .storage import StorageConfig
-from .tracking import TrackingConfig, resolve_model_ref
+from .tracking import TrackingConfig
 
-CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-checkpoints"
+CACHE_DIR = storage.CHECKPOINT_CACHE_DIR
 DECODER_CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-decoders"
 DECODER_FILE = "decoder.json"
 """Written last into a decoder directory by jobs/pretrain_towers.py: without it the directory is unfinished."""
@@ -42,7 +43,7 @@ def load_model(ref: str, device="cpu", dtype=None, tracking: TrackingConfig | No
 def export_checkpoint(model, uri: str, metadata: dict | None = None) -> str:
     """Write `model` as a DreamLLM checkpoint at `uri` (local dir or s3://); returns the URI."""
     if not storage.is_remote(uri):
-        save_checkpoint(model, Path(uri.removeprefix("file://")), metadata)
+        save_checkpoint(model, storage.local_path(uri), metadata)
         return uri
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, tmp, metadata)

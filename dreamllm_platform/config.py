@@ -96,19 +96,38 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser every job starts from: its docstring as the description (kept as written) and
+    `--config`, `--set`, `--help-config`. A job with arguments of its own adds them and calls `parse_job`."""
+    return add_config_args(argparse.ArgumentParser(description=description,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def parse_job(parser: argparse.ArgumentParser, cls: type[T], argv: Sequence[str] | None,
+              base: dict[str, Any] | None = None) -> tuple[T, argparse.Namespace]:
+    """(config, arguments) of a job whose `parser` came from `job_parser`; `cls` is loaded from `base`,
+    `--config` and `--set`. A bad config exits 2 with a one-line reason. `--help-config` prints the
+    reference and exits 0 before the job's own arguments are checked (a required one may be missing)."""
+    first, _ = add_config_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
+    if first.help_config:
+        print(config_reference(_load_or_exit(parser, cls, first, base)))
+        parser.exit(0)
+    args = parser.parse_args(argv)
+    return _load_or_exit(parser, cls, args, base), args
+
+
 def parse_job_args(cls: type[T], argv: Sequence[str] | None, description: str,
                    base: dict[str, Any] | None = None) -> T:
-    """Parse `--config FILE --set k=v ...` into `cls`; a bad config exits with a one-line reason."""
-    parser = add_config_args(argparse.ArgumentParser(description=description))
-    args = parser.parse_args(argv)
+    """The config of a job whose only arguments are `--config FILE --set k=v ... --help-config`."""
+    return parse_job(job_parser(description), cls, argv, base)[0]
+
+
+def _load_or_exit(parser: argparse.ArgumentParser, cls: type[T], args: argparse.Namespace,
+                  base: dict[str, Any] | None) -> T:
     try:
-        cfg = load_config(cls, args.config, args.overrides, base)
+        return load_config(cls, args.config, args.overrides, base)
     except ValueError as e:
         parser.exit(2, f"config error: {e}\n")
-    if args.help_config:
-        print(config_reference(cfg))
-        parser.exit(0)
-    return cfg
 
 
 @functools.lru_cache(maxsize=None)

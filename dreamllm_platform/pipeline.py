@@ -133,7 +133,7 @@ def resolved_tracking(cfg: PipelineConfig) -> TrackingConfig:
     """The pipeline's MLflow: the configured one, else sqlite inside a local root."""
     if cfg.tracking.tracking_uri or not _local(cfg.root):
         return cfg.tracking
-    db = Path(cfg.root.removeprefix("file://")).resolve() / "mlflow.db"
+    db = storage.local_path(cfg.root) / "mlflow.db"
     return dataclasses.replace(cfg.tracking, tracking_uri=f"sqlite:///{db}")
 
 
@@ -148,7 +148,7 @@ class StepConfigs:
         from .train.config import STAGE_DEFAULTS, TrainConfig
 
         if _local(cfg.root):  # absolute: Ray workers run elsewhere, and the summary names real places
-            cfg = dataclasses.replace(cfg, root=str(Path(cfg.root.removeprefix("file://")).resolve()))
+            cfg = dataclasses.replace(cfg, root=str(storage.local_path(cfg.root)))
         self.cfg = cfg
         r = cfg.root
         self.tracking = resolved_tracking(cfg)
@@ -291,14 +291,14 @@ def _step_evaluate(c: StepConfigs, results: dict) -> dict:
 
 
 def _step_promote(c: StepConfigs, results: dict) -> dict:
-    from . import tracking
+    from . import model_registry
     from .registry import CHAMPION, promote
 
     version = results["register"]["version"]
-    if tracking.alias_version(c.tracking, CHAMPION) == version:
+    if model_registry.alias_version(c.tracking, CHAMPION) == version:
         return {"champion": version, "promoted": True, "failures": []}
     r = promote(c.registry, version)
-    champion = tracking.alias_version(c.tracking, CHAMPION)
+    champion = model_registry.alias_version(c.tracking, CHAMPION)
     if not r.promoted:
         print(f"[pipeline] the gate refused v{version}: " + "; ".join(r.failures))
         if champion is None:

@@ -1,13 +1,16 @@
 """The `pyfunc` flavor of a registered DreamLLM: what `mlflow.pyfunc.load_model("models:/dreamllm@champion")` returns.
 
 Owns: the request format of the pyfunc model and answering it with
-`dreamllm.generation` (chat, text-to-image, free-form interleaved documents).
+`dreamllm.generation` (chat, text-to-image, free-form interleaved documents);
+sampling defaults and image decoding/encoding are `dreamllm_platform.sampling`'s,
+shared with the Serve app.
 The logged model holds no weights, only the checkpoint URI in its model
-config; `load_context` loads that checkpoint through
-`dreamllm_platform.checkpoints` (object storage is downloaded once per node).
+config; `load_context` loads that checkpoint with `load_checkpoint_uri`
+(object storage is downloaded once per node).
 
 This module subclasses MLflow's `PythonModel` (the interface MLflow calls) but
-never talks to a tracking server or registry: that is `tracking`'s job alone.
+never talks to a tracking server or registry: that is `tracking`'s and
+`model_registry`'s job alone.
 
 Requests (a dict, a list of dicts, or a DataFrame with one request per row):
   {"task": "chat", "messages": [{"role": "user", "content": "What colour is it?"
@@ -23,38 +26,15 @@ Answers (one per request, JSON-serialisable so `mlflow models serve` works too):
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from typing import Any
 
 import mlflow.pyfunc
 
+from .sampling import decode_image, encode_image, image_sampling, text_sampling
+
 # What a loaded model needs: the project's package (dreamllm + dreamllm_platform) in the same versions.
 PIP_REQUIREMENTS = ["dreamllm-ray==0.1.0"]
 TASKS = ("chat", "text_to_image", "document")
-
-
-def _b64_png(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode_image(data: Any, where: str):
-    """A PIL image from a PIL image, base64 bytes or a `data:image/...;base64,` URL."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
-    if not isinstance(data, str):
-        raise ValueError(f"{where}: expected a base64 image string, got {type(data).__name__}")
-    if data.startswith("data:"):
-        data = data.split(",", 1)[-1]
-    try:
-        return Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError):
-        raise ValueError(f"{where}: not a base64-encoded image") from None
 
 
 def _turns(messages: Any, where: str):
@@ -99,31 +79,27 @@ def _answer(parts: list) -> dict:
             texts.append(p)
             out.append({"type": "text", "text": p})
         else:
-            images.append(_b64_png(p))
+            images.append(encode_image(p))
             out.append({"type": "image", "image": images[-1]})
     return {"text": "\n".join(texts), "images": images, "parts": out}
 
 
 def answer(model, request: dict, where: str = "request") -> dict:
     """Serve one request with a loaded `DreamLLM` (see the module docstring for the format)."""
-    from dreamllm.generation import ImageSampling, TextSampling, chat, generate_document, text_to_image
+    from dreamllm.generation import chat, generate_document, text_to_image
 
     if not isinstance(request, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(request).__name__}")
     task = request.get("task", "chat")
-    image = ImageSampling(num_inference_steps=int(request.get("steps", 25)),
-                          guidance_scale=float(request.get("guidance_scale", 7.5)),
-                          scheduler=str(request.get("scheduler", "dpm++")),
-                          negative_prompt=str(request.get("negative_prompt", "")), seed=request.get("seed"))
+    image = image_sampling(request.get("steps"), request.get("guidance_scale"), request.get("scheduler"),
+                           request.get("negative_prompt"), request.get("seed"))
     if task == "text_to_image":
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{where}.prompt: a non-empty string is required for text_to_image")
         return _answer(text_to_image(model, [prompt] * int(request.get("n", 1)), image))
-    text = TextSampling(max_new_tokens=int(request.get("max_tokens", 128)),
-                        temperature=float(request.get("temperature", 0.0)), top_p=float(request.get("top_p", 1.0)),
-                        max_images=int(request.get("max_images", 2 if task == "document" else 0)),
-                        seed=request.get("seed"), image=image)
+    text = text_sampling(request.get("max_tokens"), request.get("temperature"), request.get("top_p"),
+                         request.get("max_images", 2 if task == "document" else 0), request.get("seed"), image)
     if task == "chat":
         turns, images = _turns(request.get("messages"), where)
         return _answer(chat(model, turns, images, text))
@@ -146,16 +122,30 @@ def as_requests(model_input: Any) -> list[dict]:
     raise ValueError(f"expected a request dict, a list of them or a DataFrame, got {type(model_input).__name__}")
 
 
+def load_checkpoint_uri(uri: str):
+    """The `DreamLLM` (eval mode, CPU) of the checkpoint at storage URI `uri` (local, file:// or s3://).
+
+    The pyfunc model's own loader. Its model config holds a storage URI (the
+    registry stores one, never a models:/ reference), so storage and the
+    checkpoint format suffice; `checkpoints.load_model` would also resolve
+    references through the registry, which imports this module to write the
+    model: an import cycle.
+    """
+    from dreamllm.checkpoint import load_checkpoint
+
+    from . import storage
+
+    return load_checkpoint(storage.download_dir(uri, storage.CHECKPOINT_CACHE_DIR), device="cpu")
+
+
 class DreamLLMPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc model: a DreamLLM checkpoint named by URI in the model config."""
 
     def load_context(self, context) -> None:
-        from .checkpoints import load_model
-
         uri = (context.model_config or {}).get("checkpoint_uri")
         if not uri:
             raise ValueError("this pyfunc model has no checkpoint_uri in its model_config")
-        self.model = load_model(uri)
+        self.model = load_checkpoint_uri(uri)
 
     def predict(self, context, model_input, params=None) -> list[dict]:
         return [answer(self.model, r, f"request {i}") for i, r in enumerate(as_requests(model_input))]

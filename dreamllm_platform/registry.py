@@ -14,7 +14,8 @@ champion). A promotion to champion also sets `dreamllm.previous_champion`,
 which `rollback` follows; rollback does not rewrite it, so repeated rollbacks
 walk back through the champions in order.
 
-All MLflow reads and writes go through `dreamllm_platform.tracking`.
+All MLflow reads and writes go through `dreamllm_platform.model_registry` (versions, aliases)
+and `dreamllm_platform.tracking` (runs).
 """
 from __future__ import annotations
 
@@ -26,17 +27,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import storage, tracking
+from . import model_registry, storage, tracking
+from .mlflow_tags import (EVAL_SET_TAG, EVAL_TAG_PREFIX, FLAVOR_TAG, FORCE_REASON_TAG, GATE_TAG, MOVE_TAG_PREFIX,
+                          PREVIOUS_CHAMPION_TAG, REGISTERED_BY_TAG, STAGE_TAG)
 from .storage import StorageConfig
 from .tracking import TrackingConfig
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-EVAL_TAG_PREFIX = "dreamllm.eval."
-EVAL_SET_TAG = "dreamllm.eval.dataset"
-MOVE_TAG_PREFIX = "dreamllm.move."
-PREVIOUS_CHAMPION_TAG = "dreamllm.previous_champion"
-FORCE_REASON_TAG = "dreamllm.force_reason"
-GATE_TAG = "dreamllm.gate"
 _NOT_METRICS = ("run_id", "dataset")
 
 
@@ -131,7 +128,7 @@ def checkpoint_info(uri: str, st: StorageConfig | None = None) -> dict:
     from dreamllm.checkpoint import CONFIG_FILE, read_checkpoint_info  # torch et al.: only when registering
 
     if not storage.is_remote(uri):
-        return read_checkpoint_info(Path(uri.removeprefix("file://")))
+        return read_checkpoint_info(storage.local_path(uri))
     try:
         data = storage.read_bytes(storage.join(uri, CONFIG_FILE), st)
     except FileNotFoundError:
@@ -149,18 +146,17 @@ def register(cfg: RegistryConfig, checkpoint_uri: str, run_id: str | None = None
     (ModelVersion, the candidate Move).
     """
     if not storage.is_remote(checkpoint_uri):  # a local path is stored absolute: the registry outlives the cwd
-        checkpoint_uri = str(Path(checkpoint_uri.removeprefix("file://")).resolve())
+        checkpoint_uri = str(storage.local_path(checkpoint_uri))
     info = checkpoint_info(checkpoint_uri, cfg.storage)
     meta = info.get("metadata", {})
     run_id = run_id or meta.get("mlflow_run_id")
     if run_id and not tracking.run_exists(cfg.tracking, run_id):
         run_id = None  # trained against another tracking store: nothing here to link to
     who = who or current_user()
-    tags = {"dreamllm.stage": info["stage"], "dreamllm.flavor": info["config"].get("flavor", ""),
-            "dreamllm.registered_by": who}
+    tags = {STAGE_TAG: info["stage"], FLAVOR_TAG: info["config"].get("flavor", ""), REGISTERED_BY_TAG: who}
     params = {"stage": info["stage"], "flavor": info["config"].get("flavor", ""), "llm_trained": info["llm_trained"],
               **{f"metadata.{k}": v for k, v in meta.items()}}
-    mv = tracking.register_checkpoint_version(cfg.tracking, checkpoint_uri, run_id, tags, params,
+    mv = model_registry.register_checkpoint_version(cfg.tracking, checkpoint_uri, run_id, tags, params,
                                               description=f"DreamLLM {info['stage']} checkpoint {checkpoint_uri}")
     move = move_alias(cfg.tracking, CANDIDATE, mv.version, who, f"registered from {checkpoint_uri}", "register")
     return mv, move
@@ -213,11 +209,11 @@ def _now() -> str:
 
 def move_alias(cfg: TrackingConfig, alias: str, version: str, who: str, why: str, action: str) -> Move:
     """Point `alias` at `version` and record the move on that version."""
-    mv = tracking.get_version(cfg, str(version))
-    move = Move(alias, str(mv.version), tracking.alias_version(cfg, alias), action, who, _now(), why)
-    tracking.set_alias(cfg, alias, mv.version)
+    mv = model_registry.get_version(cfg, str(version))
+    move = Move(alias, str(mv.version), model_registry.alias_version(cfg, alias), action, who, _now(), why)
+    model_registry.set_alias(cfg, alias, mv.version)
     n = sum(1 for k in mv.tags if k.startswith(MOVE_TAG_PREFIX))
-    tracking.set_version_tags(cfg, mv.version, {f"{MOVE_TAG_PREFIX}{n + 1:04d}": json.dumps(asdict(move))})
+    model_registry.set_version_tags(cfg, mv.version, {f"{MOVE_TAG_PREFIX}{n + 1:04d}": json.dumps(asdict(move))})
     return move
 
 
@@ -231,19 +227,19 @@ def promote(cfg: RegistryConfig, version: str = "@" + CANDIDATE, who: str | None
     who = who or current_user()
     if force_reason is not None and not force_reason.strip():
         raise ValueError("a forced promotion needs a non-empty reason")
-    mv = tracking.get_version(t, version)
-    champion_before = tracking.alias_version(t, CHAMPION)
+    mv = model_registry.get_version(t, version)
+    champion_before = model_registry.alias_version(t, CHAMPION)
     if champion_before == mv.version:
         raise ValueError(f"version {mv.version} of {t.registered_model!r} is already the champion")
     moves = []
-    if tracking.alias_version(t, CANDIDATE) != mv.version:
+    if model_registry.alias_version(t, CANDIDATE) != mv.version:
         moves.append(move_alias(t, CANDIDATE, mv.version, who, "named for promotion", "candidate"))
-        mv = tracking.get_version(t, mv.version)
-    champion = tracking.get_version(t, champion_before) if champion_before else None
+        mv = model_registry.get_version(t, mv.version)
+    champion = model_registry.get_version(t, champion_before) if champion_before else None
     failures = check_gate(cfg.gate, mv, champion)
     verdict = {"when": _now(), "who": who, "passed": not failures, "failures": failures,
                "champion": champion_before, "forced": force_reason is not None}
-    tracking.set_version_tags(t, mv.version, {GATE_TAG: json.dumps(verdict)})
+    model_registry.set_version_tags(t, mv.version, {GATE_TAG: json.dumps(verdict)})
     if failures and force_reason is None:
         return PromotionResult(mv.version, False, failures, moves, champion_before)
     if force_reason is not None:
@@ -257,17 +253,17 @@ def promote(cfg: RegistryConfig, version: str = "@" + CANDIDATE, who: str | None
     tags = {PREVIOUS_CHAMPION_TAG: champion_before or ""}
     if force_reason is not None:
         tags[FORCE_REASON_TAG] = force_reason.strip()
-    tracking.set_version_tags(t, mv.version, tags)
+    model_registry.set_version_tags(t, mv.version, tags)
     return PromotionResult(mv.version, True, failures, moves, champion_before)
 
 
 def rollback(cfg: RegistryConfig, who: str | None = None, reason: str | None = None) -> Move:
     """Point `champion` back at the version it replaced (the current champion's `previous_champion`)."""
     t = cfg.tracking
-    current = tracking.alias_version(t, CHAMPION)
+    current = model_registry.alias_version(t, CHAMPION)
     if current is None:
         raise ValueError(f"{t.registered_model!r} has no champion to roll back")
-    previous = tracking.get_version(t, current).tags.get(PREVIOUS_CHAMPION_TAG)
+    previous = model_registry.get_version(t, current).tags.get(PREVIOUS_CHAMPION_TAG)
     if not previous:
         raise ValueError(f"champion version {current} of {t.registered_model!r} has no previous champion to restore")
     why = f"rollback from v{current}" + (f": {reason.strip()}" if reason and reason.strip() else "")
@@ -277,7 +273,7 @@ def rollback(cfg: RegistryConfig, who: str | None = None, reason: str | None = N
 def history(cfg: RegistryConfig) -> list[Move]:
     """Every recorded alias move of the registered model, oldest first."""
     moves = []
-    for mv in tracking.list_versions(cfg.tracking):
+    for mv in model_registry.list_versions(cfg.tracking):
         for k, v in mv.tags.items():
             if k.startswith(MOVE_TAG_PREFIX):
                 moves.append(Move(**json.loads(v)))

@@ -1,21 +1,30 @@
 """Ray runtime: connect to a cluster or start a local Ray, once per process.
 
-Owns: `init_ray()` (the single `ray.init` call of jobs and tests),
-`cluster_resources()`, which pipelines use to size actor pools so that read
-tasks are never starved (ENVIRONMENT.md: the 2-CPU actor-pool hang), and
+Owns: `init_ray()` (the single `ray.init` call of jobs and tests), the quiet
+console of a local Ray (library deprecation notices and transformers warnings
+filtered out, Ray Data's progress and INFO lines in its log file only, the log
+directory printed; progress lines, errors and Ray's warnings stay: see
+`quiet_console`), `cluster_resources()`, which pipelines use to size actor
+pools so that read tasks are never starved (ENVIRONMENT.md: the 2-CPU
+actor-pool hang), and
 `sigterm_raises()`, under which a driver's clean-up runs when the job is stopped,
 and `serve_until_stopped()` for jobs whose local Ray must outlive their API.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+VERBOSE_ENV = "DREAMLLM_VERBOSE"
+"""Set to 1 to keep Ray's and the libraries' console output as they make it (debugging a local run)."""
 
 
 def init_ray(num_cpus: int | None = None, **kwargs) -> None:
@@ -35,7 +44,58 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(REPO_ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in paths if p])
+    quiet = not os.environ.get(VERBOSE_ENV)
+    if quiet:
+        quiet_console()
+        runtime_env = kwargs.pop("runtime_env", None) or {}
+        kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_worker", **runtime_env}
     ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    if quiet:
+        quiet_ray_data()
+        logs = getattr(ray._private.worker._global_node, "get_logs_dir_path", lambda: None)()
+        print(f"[ray] local Ray started; the full logs of its workers, Ray Data and Ray Train are in {logs} "
+              f"(set {VERBOSE_ENV}=1 to see them on the console)", flush=True)
+
+
+# ---------------------------------------------------------------- quiet console
+# A local run's console is for its progress lines ([train] step ..., [pipeline] ...) and errors. Ray
+# forwards every worker's output (log_to_driver), which must stay on: the progress lines of Ray Train
+# workers reach the console only that way. So the noise is lowered where it is made instead. Ray
+# already folds identical lines of several workers into one (RAY_DEDUP_LOGS, on by default).
+
+def quiet_console() -> None:
+    """Before a local `ray.init` (its workers inherit the environment) and for this process: library
+    notices off the console. Errors, and warnings of Ray itself, still show."""
+    # Deprecation notices of torch, DeepSpeed and Ray internals (all_gather_into_tensor, exclude_resources)
+    # speak to library authors, once per worker and run.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # transformers' warnings (e.g. the CLIP image processor's torchvision fallback) in every worker.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported before the variable was set: it read its default
+        sys.modules["transformers"].logging.set_verbosity_error()
+    # Ray Data's progress report: a block of lines every few seconds per dataset when stdout is no
+    # terminal, from the driver and from the workers that run a dataset for Ray Train.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_ray_data() -> None:
+    """In this process (the driver): Ray Data's INFO lines (execution start and plan, run times) only in
+    its log file (ray-data.log); the plan line is off in the workers too (datasets carry the context)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().print_on_execution_start = False
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, logging.StreamHandler):  # the console; the session file handler keeps everything
+            h.setLevel(logging.WARNING)
+
+
+def quiet_worker() -> None:
+    """Runs first in every worker process of a local Ray (its `worker_process_setup_hook`)."""
+    # Ray Train's placement-group cleaner polls the State API, which a local Ray without a dashboard
+    # does not serve: one harmless warning a second for the whole run. Its real failures are errors.
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

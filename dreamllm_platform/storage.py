@@ -1,6 +1,7 @@
 """Storage URIs: the one place that turns `s3://`, `file://` and local paths into filesystems.
 
-Owns: parsing a URI into (filesystem, path) for fsspec (s3fs / local), for
+Owns: telling remote from local URIs and turning local ones (paths and
+`file://`) into local paths (`local_path`), parsing a URI into (filesystem, path) for fsspec (s3fs / local), for
 pyarrow and Ray Data (`filesystem=` argument), small whole-object reads and
 writes (atomic on local disks), listing, uploading a local directory, and
 downloading a remote directory to a local cache (model loading resolves
@@ -38,6 +39,8 @@ class StorageConfig:
 
 
 _DEFAULT = StorageConfig()
+CHECKPOINT_CACHE_DIR = Path(tempfile.gettempdir()) / "dreamllm-checkpoints"
+"""Where remote DreamLLM checkpoints are downloaded on a node (`checkpoints` and the pyfunc model share it)."""
 
 
 def is_remote(uri: str) -> bool:
@@ -45,11 +48,30 @@ def is_remote(uri: str) -> bool:
     return urlparse(str(uri)).scheme in ("s3", "s3a")
 
 
-def _local_path(uri: str) -> str:
+def is_local(uri: str) -> bool:
+    """True for local paths and file:// URIs (no scheme or `file`)."""
+    return urlparse(str(uri)).scheme in ("", "file")
+
+
+def is_absolute(uri: str) -> bool:
+    """True for URIs that name the same place from any working directory: s3://, file:// and absolute paths."""
+    return is_remote(uri) or str(uri).startswith("file://") or Path(str(uri)).is_absolute()
+
+
+def local_path(uri: str) -> Path:
+    """The absolute local path that a local path (relative to the cwd, `~` expanded) or a file:// URI names.
+
+    The one place that takes `file://` apart: everything else passes URIs through here or through the
+    filesystem helpers below.
+    """
     uri = str(uri)
     if uri.startswith("file://"):
-        return urlparse(uri).path
-    return str(Path(uri).expanduser().resolve())
+        return Path(urlparse(uri).path)
+    return Path(uri).expanduser().resolve()
+
+
+def _local_path(uri: str) -> str:
+    return str(local_path(uri))
 
 
 def _s3_settings(cfg: StorageConfig) -> tuple[str | None, str]:

@@ -8,19 +8,17 @@ Common: --config configs/promote.yaml, --set gate.metrics.val_loss_lm.tolerance=
 (gate.metrics from YAML or --set replaces the embedded set: start from configs/promote.yaml).
 Exit status 1 when the gate refuses (the failing metrics are printed) or on an error.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout or a Ray working dir
 
-from dreamllm_platform.config import add_config_args, load_config  # noqa: E402
+from dreamllm_platform.config import job_parser, parse_job  # noqa: E402
 from dreamllm_platform.registry import RegistryConfig, history, promote, rollback  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = job_parser(__doc__)
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--rollback", action="store_true", help="point champion back at the previous champion")
     what.add_argument("--history", action="store_true", help="list the alias moves")
@@ -28,11 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
     parser.add_argument("--reason", help="why (required with --force; recorded on the version)")
     parser.add_argument("--who", help="who moves the alias (default: the current user)")
-    args = parser.parse_args(argv)
+    cfg, args = parse_job(parser, RegistryConfig, argv)
     if args.force and not (args.reason and args.reason.strip()):
         parser.exit(2, "promote: --force needs --reason \"why the gate is overridden\"\n")
     try:
-        cfg = load_config(RegistryConfig, args.config, args.overrides)
         name = cfg.tracking.registered_model
         if args.history:
             moves = history(cfg)

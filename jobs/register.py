@@ -6,33 +6,32 @@
 The weights stay where they are (the version references the URI). The training
 run is read from the checkpoint's metadata unless --run-id names one.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout or a Ray working dir
 
-from dreamllm_platform.config import add_config_args, load_config  # noqa: E402
+from dreamllm_platform.config import job_parser, parse_job  # noqa: E402
+from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG  # noqa: E402
+from dreamllm_platform.model_registry import version_ref  # noqa: E402
 from dreamllm_platform.registry import RegistryConfig, register  # noqa: E402
 from dreamllm_platform.tracking import tracking_uri  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = job_parser(__doc__)
     parser.add_argument("checkpoint", help="checkpoint URI (local dir, file://, s3://)")
     parser.add_argument("--run-id", help="MLflow run to link (default: the checkpoint's mlflow_run_id)")
     parser.add_argument("--who", help="who registers (default: the current user)")
-    args = parser.parse_args(argv)
+    cfg, args = parse_job(parser, RegistryConfig, argv)
     try:
-        cfg = load_config(RegistryConfig, args.config, args.overrides)
         mv, move = register(cfg, args.checkpoint, args.run_id, args.who)
     except (ValueError, FileNotFoundError) as e:
         print(f"register failed: {e}", file=sys.stderr)
         return 1
     print(f"registered {mv.name} version {mv.version} ({tracking_uri(cfg.tracking)})")
-    print(f"  checkpoint     {mv.tags.get('dreamllm.checkpoint_uri')}")
-    print(f"  logged model   {mv.model_id} (pyfunc: mlflow.pyfunc.load_model('models:/{mv.name}/{mv.version}'))")
+    print(f"  checkpoint     {mv.tags.get(CHECKPOINT_URI_TAG)}")
+    print(f"  logged model   {mv.model_id} (pyfunc: mlflow.pyfunc.load_model('{version_ref(mv.name, mv.version)}'))")
     print(f"  training run   {mv.run_id or 'not linked'}")
     print(f"  alias          candidate -> v{mv.version} (was {move.previous or 'none'})")
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from dreamllm.config import check, get_flavor
 
-from ..storage import StorageConfig, is_remote, join
+from ..storage import StorageConfig, is_absolute, join
 
 FORMATS = ("mmc4", "webdataset", "laion_parquet", "llava", "instruct_doc")
 """Source formats: MMC4 v1.1 docs shards; img2dataset webdataset tars; parquet with image bytes +
@@ -146,7 +146,7 @@ class SyntheticConfig:
 
 def resolve_uri(data_root: str, uri: str | None) -> str | None:
     """A source URI resolved against `data_root` (absolute paths, file:// and s3:// stay as they are)."""
-    if uri is None or is_remote(uri) or uri.startswith(("/", "file://")):
+    if uri is None or is_absolute(uri):
         return uri
     return join(data_root, uri)
 

@@ -7,7 +7,7 @@ timesteps for every model), question-answering exact-match accuracy
 CLIP score (images generated from held-out captions with a fixed seed per
 caption, FID against the held-out images), and `run_evaluation`, which
 loads the model a config names, evaluates it and logs the metrics on its
-version (through `dreamllm_platform.tracking`).
+version (through `dreamllm_platform.model_registry`).
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import model_registry
 from ..checkpoints import load_model
 from ..config import to_flat_dict
-from .. import tracking
-from ..registry import EVAL_SET_TAG, EVAL_TAG_PREFIX
+from ..mlflow_tags import EVAL_SET_TAG, EVAL_TAG_PREFIX
 from .config import EvalConfig
 from .heldout import HeldOut, load_heldout
 from .metrics import ClipScorer, InceptionFeatures, exact_match, frechet_distance
@@ -156,10 +156,10 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     start = time.time()
     version, track = None, cfg.tracking
     ref = cfg.model
-    if ref.startswith("models:/"):
-        mv = tracking.get_version(cfg.tracking, ref)  # pin the number: an alias may move while we evaluate
+    if model_registry.is_model_ref(ref):
+        mv = model_registry.get_version(cfg.tracking, ref)  # pin the number: an alias may move while we evaluate
         version, track = mv.version, dataclasses.replace(cfg.tracking, registered_model=mv.name)
-        ref = f"models:/{mv.name}/{mv.version}"
+        ref = model_registry.version_ref(mv.name, mv.version)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ref, device=device, tracking=track)
     heldout = load_heldout(cfg.heldout, cfg.storage)
@@ -168,6 +168,6 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     run_id = None
     if version is not None:
         params = {k: v for k, v in to_flat_dict(cfg).items() if not k.startswith(("tracking.", "storage."))}
-        run_id = tracking.log_version_evaluation(track, version, metrics, params, {EVAL_SET_TAG: digest},
-                                                 EVAL_TAG_PREFIX)
+        run_id = model_registry.log_version_evaluation(track, version, metrics, params, {EVAL_SET_TAG: digest},
+                                                       EVAL_TAG_PREFIX)
     return EvalResult(metrics, skipped, digest, cfg.model, version, run_id, time.time() - start)

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .. import storage, tracking
+from .. import model_registry, storage, tracking
 from ..checkpoints import load_model, local_checkpoint
 from ..data.synthetic import Scene, jpeg
+from ..mlflow_tags import LEARNING_CHECK_MODEL_TAG, LEARNING_CHECK_SETTINGS_TAG, MODEL_TAG
 from ..storage import StorageConfig
 from ..tracking import TrackingConfig
 from .config import LearningCheckConfig, LearningJobConfig
@@ -355,10 +356,10 @@ def run_learning_check(cfg: LearningJobConfig, device: str | None = None) -> Lea
 
     start = time.time()
     track, ref, version_run = cfg.tracking, cfg.model, None
-    if ref.startswith("models:/"):
-        mv = tracking.get_version(track, ref)  # pin the number: an alias may move while we check
+    if model_registry.is_model_ref(ref):
+        mv = model_registry.get_version(track, ref)  # pin the number: an alias may move while we check
         track = dataclasses.replace(track, registered_model=mv.name)
-        ref, version_run = f"models:/{mv.name}/{mv.version}", mv.run_id
+        ref, version_run = model_registry.version_ref(mv.name, mv.version), mv.run_id
     path = local_checkpoint(ref, track)
     info = read_checkpoint_info(path)
     meta = info.get("metadata", {})
@@ -373,9 +374,9 @@ def run_learning_check(cfg: LearningJobConfig, device: str | None = None) -> Lea
     new_run = run_id is None
     if new_run:
         run_id, _ = tracking.start_or_resume_run(cfg.tracking, f"learning-check-{info['config'].get('flavor', '')}-"
-                                                 f"{int(time.time())}", tags={"dreamllm.model": cfg.model})
-    tags = {"dreamllm.learning_check.model": cfg.model,
-            "dreamllm.learning_check.settings": json.dumps(dataclasses.asdict(cfg.check), sort_keys=True)}
+                                                 f"{int(time.time())}", tags={MODEL_TAG: cfg.model})
+    tags = {LEARNING_CHECK_MODEL_TAG: cfg.model,
+            LEARNING_CHECK_SETTINGS_TAG: json.dumps(dataclasses.asdict(cfg.check), sort_keys=True)}
     try:
         log_learning_check(cfg.tracking, run_id, result, cfg.logged_images, int(meta.get("step", 0)), tags)
     except BaseException:

@@ -16,14 +16,10 @@ replica.
 # No `from __future__ import annotations`: FastAPI must see real types on the routes (Serve re-wraps the
 # methods, and string annotations would no longer resolve, turning `request: Request` into a query param).
 import asyncio
-import base64
-import io
 import json
 import logging
 import time
 import uuid
-from pathlib import Path
-from urllib.parse import urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +27,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dreamllm_platform import storage
+from dreamllm_platform.sampling import data_url, encode_image
 
 from .config import ServeConfig
 from .limits import APIError, check_api_key, check_max, load_api_key, load_image, parse_size, read_json
@@ -77,16 +76,6 @@ def _model_unavailable(e: BaseException) -> APIError:
                     code="model_unavailable")
 
 
-def _data_url(image, fmt: str = "png") -> str:
-    return f"data:image/{fmt};base64,{_b64(image, fmt)}"
-
-
-def _b64(image, fmt: str = "png") -> str:
-    buf = io.BytesIO()
-    image.save(buf, format={"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG"))
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _content_pieces(parts: list) -> list[str]:
     """The answer's parts as content strings: text as is, created images as Markdown data-URL images."""
     pieces, k = [], 0
@@ -95,7 +84,7 @@ def _content_pieces(parts: list) -> list[str]:
             pieces.append(p)
         else:
             k += 1
-            pieces.append(f"![image {k}]({_data_url(p)})")
+            pieces.append(f"![image {k}]({data_url(p)})")
     return pieces
 
 
@@ -220,8 +209,8 @@ class OpenAIIngress:
         def encode() -> list[ImageData]:
             from PIL import Image
 
-            return [ImageData(b64_json=_b64(im if side == native else im.resize((side, side), Image.LANCZOS),
-                                            req.output_format)) for im in result]
+            return [ImageData(b64_json=encode_image(im if side == native else im.resize((side, side), Image.LANCZOS),
+                                                    req.output_format)) for im in result]
 
         data = await asyncio.to_thread(encode)  # PNG encoding is CPU work: keep the event loop free
         return ImagesResponse(created=int(time.time()), data=data, output_format=req.output_format,
@@ -330,8 +319,8 @@ def check_model_ref(cfg: ServeConfig) -> None:
     if not cfg.model.uri:
         raise ValueError("model.uri is required: a DreamLLM checkpoint directory, file://, s3:// or models:/ URI "
                          "(e.g. --set model.uri=models:/dreamllm@champion)")
-    if urlparse(cfg.model.uri).scheme in ("", "file"):  # a local checkpoint is checked here, others on load
-        local = Path(cfg.model.uri.removeprefix("file://"))
+    if storage.is_local(cfg.model.uri):  # a local checkpoint is checked here, others on load
+        local = storage.local_path(cfg.model.uri)
         if not (local / "dreamllm.json").is_file():
             raise ValueError(f"model.uri {cfg.model.uri}: not a DreamLLM checkpoint (no dreamllm.json there)")
 

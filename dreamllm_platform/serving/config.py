@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from dreamllm.config import check
 
+from dreamllm_platform.sampling import DEFAULTS
 from dreamllm_platform.tracking import TrackingConfig
 
 URI_SCHEMES = ("", "file", "s3", "s3a", "models")
@@ -167,13 +168,13 @@ class HTTPConfig:
 class DefaultsConfig:
     """Sampling values used when a request leaves them out."""
 
-    max_tokens: int = 128
+    max_tokens: int = DEFAULTS.max_tokens
     """Generated tokens of a chat answer."""
-    steps: int = 25
+    steps: int = DEFAULTS.steps
     """Denoising steps of an image."""
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULTS.guidance_scale
     """Classifier-free guidance weight."""
-    scheduler: str = "dpm++"
+    scheduler: str = DEFAULTS.scheduler
     """Diffusion sampler: 'ddim' or 'dpm++'."""
     created_images: int = 1
     """Images the model may create inside a chat answer."""

@@ -1,17 +1,15 @@
 """Request guards of the ingress: API-key auth, body size, schema validation, input images, output sizes.
 
 Owns: `APIError` (the one way a handler refuses a request: an HTTP status
-plus OpenAI's error fields) and the checks that raise it. Everything here runs
+plus OpenAI's error fields) and the checks that raise it; input images are
+decoded by `dreamllm_platform.sampling`, whose refusals become `APIError`s here. Everything here runs
 before the model sees a request, so a malformed, oversized or unauthorised
 request costs the model replica nothing. Messages name the offending field
 (`param`) and what was expected; they never carry a stack trace.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
-import io
 import json
 import os
 import re
@@ -24,6 +22,8 @@ from urllib.parse import urlparse
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+
+from dreamllm_platform.sampling import ImageInputError, decode_image, open_image
 
 from .config import AuthConfig, LimitsConfig
 
@@ -134,20 +134,8 @@ def check_max(value: int, cap: int, param: str) -> None:
 
 # ---------------------------------------------------------------------- images in
 
-def _open_checked(data: bytes, limits: LimitsConfig, param: str) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
-    except Exception:  # PIL raises several types for unreadable data; all mean the same to the client
-        raise APIError(400, f"'{param}' is not a readable image (png, jpeg, webp, gif or bmp).", param=param,
-                       code="invalid_image") from None
-    w, h = img.size
-    if w * h > limits.max_image_pixels:
-        raise APIError(400, f"'{param}' is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}.",
-                       param=param, code="image_too_large")
-    try:
-        return img.convert("RGB")
-    except Exception:
-        raise APIError(400, f"'{param}' could not be decoded.", param=param, code="invalid_image") from None
+def _refused(e: ImageInputError, param: str) -> APIError:
+    return APIError(400, str(e), param=param, code=e.code)
 
 
 def _fetch(url: str, limits: LimitsConfig, param: str) -> bytes:
@@ -174,20 +162,22 @@ def load_image(url: str, limits: LimitsConfig, param: str) -> Image.Image:
 
     Blocking (decoding, maybe a download): call it from a worker thread.
     """
-    m = _DATA_URL.match(url)
-    if m:
+    if _DATA_URL.match(url):
         try:
-            data = base64.b64decode(m.group(2), validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"'{param}' is not valid base64.", param=param, code="invalid_image") from None
-        return _open_checked(data, limits, param)
+            return decode_image(url, param, limits.max_image_pixels)
+        except ImageInputError as e:
+            raise _refused(e, param) from None
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
         if parsed.hostname not in limits.allowed_image_hosts:
             raise APIError(400, f"'{param}': remote images are not allowed from host {parsed.hostname!r}; "
                                 "send the image inline as a data:image/...;base64 URL.",
                            param=param, code="remote_image_not_allowed")
-        return _open_checked(_fetch(url, limits, param), limits, param)
+        data = _fetch(url, limits, param)
+        try:
+            return open_image(data, param, limits.max_image_pixels)
+        except ImageInputError as e:
+            raise _refused(e, param) from None
     raise APIError(400, f"'{param}' must be a data:image/<png|jpeg|webp|gif>;base64,... URL.", param=param,
                    code="invalid_image")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL.Image import Image
 from ray import serve
 
+from dreamllm_platform.sampling import DEFAULTS, image_sampling, text_sampling
 from dreamllm_platform.tracking import TrackingConfig
 
 from .config import BatchingConfig, ModelConfig
@@ -53,14 +54,14 @@ class ChatJob:
 
     turns: list[tuple[str, list[tuple[str, str]]]]
     images: dict[str, Image] = field(default_factory=dict)
-    max_tokens: int = 128
+    max_tokens: int = DEFAULTS.max_tokens
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     max_images: int = 0
-    image_steps: int = 25
-    image_guidance_scale: float = 7.5
-    scheduler: str = "dpm++"
+    image_steps: int = DEFAULTS.steps
+    image_guidance_scale: float = DEFAULTS.guidance_scale
+    scheduler: str = DEFAULTS.scheduler
 
 
 @dataclass
@@ -143,7 +144,7 @@ class DreamLLMModel:
         return await self._run(self._create_images, jobs)
 
     def _create_images(self, jobs: list[ImageJob]) -> list[list[Image] | Failure]:
-        from dreamllm.generation import ImageSampling, text_to_image
+        from dreamllm.generation import text_to_image
 
         # One text_to_image call per group of requests that share sampling settings. A seeded request
         # is a group of its own: text_to_image seeds image i with seed + i, so sharing a call would
@@ -155,8 +156,7 @@ class DreamLLMModel:
         results: list[list[Image] | Failure] = [Failure("not run", 500)] * len(jobs)
         for (steps, guidance, scheduler, negative, seed, _), idx in groups.items():
             prompts = [jobs[i].prompt for i in idx for _ in range(jobs[i].n)]
-            sampling = ImageSampling(guidance_scale=guidance, num_inference_steps=steps, scheduler=scheduler,
-                                     negative_prompt=negative, seed=seed)
+            sampling = image_sampling(steps, guidance, scheduler, negative, seed)
             try:
                 images = text_to_image(self.model, prompts, sampling)
             except ValueError as e:  # the model's own checks on user input
@@ -211,15 +211,13 @@ class DreamLLMModel:
         yield work.result()
 
     def _chat_one(self, job: ChatJob, emit=None) -> ChatResult:
-        from dreamllm.generation import ImageSampling, TextSampling, chat
+        from dreamllm.generation import chat
         from dreamllm.sequence import Image as ImageItem, SequenceBuilder, Text, Turn
 
         turns = [Turn(role, tuple(Text(v) if kind == "text" else ImageItem(v) for kind, v in items))
                  for role, items in job.turns]
-        sampling = TextSampling(
-            max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, max_images=job.max_images,
-            seed=job.seed, image=ImageSampling(guidance_scale=job.image_guidance_scale,
-                                               num_inference_steps=job.image_steps, scheduler=job.scheduler))
+        sampling = text_sampling(job.max_tokens, job.temperature, job.top_p, job.max_images, job.seed,
+                                 image_sampling(job.image_steps, job.image_guidance_scale, job.scheduler))
         steps = [0]
         streamer = _TextStreamer(self.model.tokenizer, self.model.ids.dream_start, emit) if emit else None
 

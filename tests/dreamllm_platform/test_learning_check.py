@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from dreamllm.checkpoint import save_checkpoint
 from dreamllm.config import get_flavor
 from dreamllm.model import DreamLLM
-from dreamllm_platform import tracking
+from dreamllm_platform import model_registry, tracking
 from dreamllm_platform.config import load_config
 from dreamllm_platform.data.synthetic import Scene, jpeg
 from dreamllm_platform.evaluation import LearningCheckConfig, LearningJobConfig, describe
@@ -239,8 +239,8 @@ def test_job_resolves_a_registry_version_and_fails_in_one_line(mlflow_uri, tmp_p
     t = tracking.TrackingConfig(tracking_uri=uri)
     run_id, _ = tracking.start_or_resume_run(t, "dreamllm-sft-debug")
     ckpt = save_checkpoint(DreamLLM.from_config(get_flavor("debug")), tmp_path / "ckpt")  # no run in metadata
-    tracking.register_checkpoint_version(t, str(ckpt), run_id)
-    tracking.set_alias(t, "champion", "1")
+    model_registry.register_checkpoint_version(t, str(ckpt), run_id)
+    model_registry.set_alias(t, "champion", "1")
     main = _job()
     S = f"tracking.tracking_uri={uri}"
     assert main(_args(S, *TINY_SET)) == 0  # the default model is models:/dreamllm@champion

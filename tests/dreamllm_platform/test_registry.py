@@ -18,10 +18,11 @@ from PIL import Image
 
 from dreamllm.config import get_flavor
 from dreamllm.model import DreamLLM
-from dreamllm_platform import tracking
+from dreamllm_platform import model_registry, tracking
 from dreamllm_platform.checkpoints import export_checkpoint
 from dreamllm_platform.config import load_config
 from dreamllm_platform.evaluation.tiny import save_tiny_clip, save_tiny_inception
+from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG
 from dreamllm_platform.registry import RegistryConfig, check_gate, history
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ def env(tmp_path_factory):
 
 
 def _version(env, ref):
-    return tracking.get_version(env["tracking"], ref)
+    return model_registry.get_version(env["tracking"], ref)
 
 
 def _moves(mv):
@@ -73,10 +74,10 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     assert "registered dreamllm version 1" in capsys.readouterr().out
     v1 = _version(env, "@candidate")
     assert v1.version == "1" and v1.run_id == env["run_id"]  # linked to its training run via the metadata
-    assert tracking.resolve_model_ref("models:/dreamllm@candidate", env["tracking"]) == env["good"]
+    assert model_registry.resolve_model_ref("models:/dreamllm@candidate", env["tracking"]) == env["good"]
     assert v1.source == f"models:/{v1.model_id}"
     logged = c.get_logged_model(v1.model_id)
-    assert logged.source_run_id == env["run_id"] and logged.tags[tracking.CHECKPOINT_URI_TAG] == env["good"]
+    assert logged.source_run_id == env["run_id"] and logged.tags[CHECKPOINT_URI_TAG] == env["good"]
     files = {a.path for a in c.list_logged_model_artifacts(v1.model_id)}
     assert "MLmodel" in files and not any(f.endswith(".safetensors") for f in files)  # not copied
     mlmodel = (Path(urlparse(logged.artifact_location).path) / "MLmodel").read_text()
@@ -97,7 +98,7 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     # --- the first champion: no champion to compare with, every gate metric present
     assert promote([*S, "--who", "alice"]) == 0
     assert "champion -> v1 (was none)" in capsys.readouterr().out
-    assert tracking.alias_version(env["tracking"], "champion") == "1"
+    assert model_registry.alias_version(env["tracking"], "champion") == "1"
 
     # --- a worse version: registered as candidate, evaluated, refused with the metric and the amount
     assert register([env["bad"], *S, "--who", "bob"]) == 0
@@ -113,8 +114,8 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     err = capsys.readouterr().err
     assert f"val_loss_lm regressed by {lm2 - lm1:.6g}" in err and "tolerance 0.05" in err
     assert "val_loss_diffusion" not in err  # only the failing metric is named
-    assert tracking.alias_version(env["tracking"], "champion") == "1"
-    assert tracking.alias_version(env["tracking"], "candidate") == "2"
+    assert model_registry.alias_version(env["tracking"], "champion") == "1"
+    assert model_registry.alias_version(env["tracking"], "candidate") == "2"
     assert json.loads(_version(env, "2").tags["dreamllm.gate"])["passed"] is False
 
     # --- forced promotion: needs a reason, which is recorded with who, when and the previous champion
@@ -135,7 +136,7 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     # --- rollback restores the previous champion; there is none before v1
     assert promote([*S, "--rollback", "--reason", "bad answers", "--who", "dave"]) == 0
     assert "champion -> v1 (was v2)" in capsys.readouterr().out
-    assert tracking.alias_version(env["tracking"], "champion") == "1"
+    assert model_registry.alias_version(env["tracking"], "champion") == "1"
     assert promote([*S, "--rollback"]) == 1
     assert "champion version 1 of 'dreamllm' has no previous champion" in capsys.readouterr().err
 
@@ -154,7 +155,7 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
 
 
 def test_the_champion_loads_as_a_pyfunc_model_and_answers_chat_and_image_requests(env, monkeypatch):
-    test_flow_ran = tracking.alias_version(env["tracking"], "champion")
+    test_flow_ran = model_registry.alias_version(env["tracking"], "champion")
     if test_flow_ran is None:  # run on its own: register and crown the good checkpoint
         cfg = load_config(RegistryConfig, None, [f"tracking.tracking_uri={env['uri']}"])
         from dreamllm_platform.registry import promote, register
@@ -188,7 +189,7 @@ def test_unknown_versions_aliases_and_missing_metrics_are_named(env, capsys):
     assert "registered model 'dreamllm' has no version 99 (versions: 1" in capsys.readouterr().err
     assert promote([*S, "--version", "@nightly"]) == 1
     assert "has no alias 'nightly'" in capsys.readouterr().err
-    champion = tracking.alias_version(env["tracking"], "champion")
+    champion = model_registry.alias_version(env["tracking"], "champion")
     assert promote([*S, "--version", champion]) == 1
     assert "is already the champion" in capsys.readouterr().err
     assert _job("evaluate")([*S, "--set", "model=models:/dreamllm/42", *env["eval"]]) == 1
@@ -201,8 +202,10 @@ def test_unknown_versions_aliases_and_missing_metrics_are_named(env, capsys):
     err = capsys.readouterr().err
     for name in ("val_loss_lm", "val_loss_diffusion", "qa_exact_match"):
         assert f"{name}: missing on version" in err
-    assert promote([*S, "--set", "gate.metrics={}"]) == 1
-    assert "gate.metrics needs at least one metric" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a bad config: exit 2 with one line, as in every job
+        promote([*S, "--set", "gate.metrics={}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "config error: gate.metrics needs at least one metric"
 
 
 def test_gate_compares_direction_and_tolerance_and_the_eval_set():
@@ -231,6 +234,17 @@ def test_gate_compares_direction_and_tolerance_and_the_eval_set():
         GateMetric(tolerance=-1)
 
 
+def test_model_references_parse_in_one_place():
+    assert model_registry.parse_model_ref("models:/dreamllm@champion") == ("dreamllm", "@champion")
+    assert model_registry.parse_model_ref("models:/dreamllm/3") == ("dreamllm", "3")
+    assert model_registry.version_ref("dreamllm", "3") == "models:/dreamllm/3"
+    assert model_registry.is_model_ref("models:/x/1") and not model_registry.is_model_ref("s3://b/models:/x")
+    for bad in ("models:/dreamllm", "models:/@champion", "models:/dreamllm@", "models:/dreamllm/", "s3://b/k"):
+        with pytest.raises(ValueError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+            model_registry.parse_model_ref(bad)
+    assert model_registry.resolve_model_ref("s3://b/ckpt") == "s3://b/ckpt"  # a URI is not looked up
+
+
 def test_configs_promote_yaml_is_the_embedded_defaults():
     assert load_config(RegistryConfig, ROOT / "configs/promote.yaml") == RegistryConfig()
 
@@ -246,7 +260,7 @@ def test_a_checkpoint_in_object_storage_is_referenced_by_uri_and_loads_from_ther
             storage.write_bytes(f"{remote}/{f.relative_to(env['good'])}", f.read_bytes())
     cfg = load_config(RegistryConfig, None, [f"tracking.tracking_uri={env['uri']}"])
     mv, move = register(cfg, remote, who="erin")
-    assert mv.tags[tracking.CHECKPOINT_URI_TAG] == remote and move.alias == "candidate"
+    assert mv.tags[CHECKPOINT_URI_TAG] == remote and move.alias == "candidate"
     assert mv.run_id == env["run_id"]  # read from dreamllm.json in the bucket
     files = {a.path for a in MlflowClient(env["uri"]).list_logged_model_artifacts(mv.model_id)}
     assert not any(f.endswith(".safetensors") for f in files)
@@ -254,9 +268,10 @@ def test_a_checkpoint_in_object_storage_is_referenced_by_uri_and_loads_from_ther
     assert (local / "trainable.safetensors").read_bytes() == (Path(env["good"]) / "trainable.safetensors").read_bytes()
 
 
-def test_only_the_tracking_module_talks_to_mlflow():
+def test_only_the_tracking_and_registry_store_modules_talk_to_mlflow():
     # pyfunc_model.py subclasses mlflow's PythonModel (the interface MLflow calls) and talks to no server.
     importers = sorted(str(p.relative_to(ROOT)) for folder in ("dreamllm", "dreamllm_platform", "jobs")
                        for p in (ROOT / folder).rglob("*.py")
                        if "import mlflow" in p.read_text() or "from mlflow" in p.read_text())
-    assert importers == ["dreamllm_platform/pyfunc_model.py", "dreamllm_platform/tracking.py"]
+    assert importers == ["dreamllm_platform/model_registry.py", "dreamllm_platform/pyfunc_model.py",
+                         "dreamllm_platform/tracking.py"]

@@ -8,13 +8,14 @@ from dreamllm_platform import runtime
 
 def test_quiet_console_sets_what_the_workers_inherit_and_keeps_a_users_settings(monkeypatch):
     for k in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY", "RAY_DATA_DISABLE_PROGRESS_BARS"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.delenv(k)
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # a user's choice wins
     with warnings.catch_warnings():
         runtime.quiet_console()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default", UserWarning)
-            warnings.warn("old", DeprecationWarning)
+            warnings.warn("new", FutureWarning)
             warnings.warn("mine", UserWarning)
     assert [str(w.message) for w in seen] == ["mine"]
     assert os.environ["PYTHONWARNINGS"] == "ignore::DeprecationWarning,ignore::FutureWarning"

@@ -45,6 +45,14 @@ def test_file_uri_and_plain_path_are_the_same_file(tmp_path):
     assert not storage.is_remote(f"file://{tmp_path}") and storage.is_remote("s3://b/k")
 
 
+def test_local_paths_and_file_uris_become_absolute_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.local_path(f"file://{tmp_path}/ckpt") == storage.local_path("ckpt") == tmp_path / "ckpt"
+    assert storage.is_local("ckpt") and storage.is_local(f"file://{tmp_path}") and not storage.is_local("s3://b/k")
+    assert not storage.is_local("models:/dreamllm@champion")
+    assert [storage.is_absolute(u) for u in ("s3://b/k", "file:///d", "/d", "d/e")] == [True, True, True, False]
+
+
 def test_local_writes_are_atomic_and_clean_up_after_killed_writers(tmp_path):
     (tmp_path / ".x.json.abc123").write_bytes(b"half a file")  # what a writer killed mid-write leaves
     storage.write_bytes(str(tmp_path / "x.json"), b"{}")

@@ -9,7 +9,8 @@ from dreamllm_platform import storage
 from dreamllm_platform.config import load_config
 from dreamllm_platform.data.config import PrecomputeConfig
 from dreamllm_platform.data.latents import run_precompute
-from dreamllm_platform.tracking import CHECKPOINT_URI_TAG, client
+from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG
+from dreamllm_platform.tracking import client
 from dreamllm_platform.train.config import STAGE_DEFAULTS, TrainConfig
 from dreamllm_platform.train.trainer import FAIL_ENV, run_stage
 
