@@ -27,6 +27,7 @@ from dreamllm.config import check
 from . import storage, tracking
 from .config import deep_merge, load_config
 from .evaluation.config import LearningCheckConfig
+from .mlflow_tags import ABLATION_ARM_TAG, JOB_TAG, SFT_RUN_TAG
 from .pipeline import PipelineConfig, StepConfigs, resolved_tracking, run_pipeline
 
 _COMPREHENSION = {"data": {"assembly": {"pair_tasks": ["comprehension"]}}}
@@ -152,7 +153,7 @@ def run_ablation(cfg: AblationConfig, log=print) -> AblationResult:
                                                                    default=str).encode()).hexdigest()[:8]
     figures: dict[str, list[dict[str, float]]] = {}
     with tracking.run(track, name, params={"arms": ",".join(cfg.arms), "seeds": ",".join(map(str, cfg.seeds))},
-                      tags={"dreamllm.job": "ablation"}) as (parent, _):
+                      tags={JOB_TAG: "ablation"}) as (parent, _):
         for arm in cfg.arms:
             figures[arm] = []
             for seed in cfg.seeds:
@@ -165,8 +166,8 @@ def run_ablation(cfg: AblationConfig, log=print) -> AblationResult:
                 curve = learning_curve({"sft": lambda: load_model(export, tracking=track)}, cfg.check)["sft"]
                 figures[arm].append(curve)
                 with tracking.run(track, f"{name}-{arm}-seed{seed}", params={"arm": arm, "seed": seed},
-                                  tags={"mlflow.parentRunId": parent, "dreamllm.ablation.arm": arm,
-                                        "dreamllm.sft_run": r.results["sft"]["mlflow_run_id"]}) as (child, _):
+                                  tags={"mlflow.parentRunId": parent, ABLATION_ARM_TAG: arm,
+                                        SFT_RUN_TAG: r.results["sft"]["mlflow_run_id"]}) as (child, _):
                     tracking.RunLogger(track, child).metrics({f"learning.{k}": v for k, v in curve.items()}, 0)
         summary = summarise(figures)
         text, png = table(summary, len(cfg.seeds)), plot(summary)

@@ -31,7 +31,6 @@ import json
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from dreamllm.config import FLAVORS, check

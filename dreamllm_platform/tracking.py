@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-# CHECKPOINT_URI_TAG is re-exported until dreamllm_platform/train/loop.py imports it from mlflow_tags.
-from .mlflow_tags import CHECKPOINT_URI_TAG, RUN_NAME_TAG  # noqa: F401
+from .mlflow_tags import RUN_NAME_TAG
 
 DEFAULT_DB = "outputs/mlflow.db"
 

@@ -34,9 +34,9 @@ from dreamllm.components import build_sampler
 from .. import storage
 from ..checkpoints import DECODER_FILE
 from ..data.synthetic import Scene
+from ..mlflow_tags import TOWERS_URI_TAG
 from .objectives import sd_pipeline
 
-TOWERS_URI_TAG = "dreamllm.towers_uri"
 QA_SEED = 4242
 """Seed of the held-out scenes whose questions the LLM answers from their caption (not the learning check's)."""
 

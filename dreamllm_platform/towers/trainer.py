@@ -20,6 +20,7 @@ from .. import storage
 from ..checkpoints import DECODER_FILE, read_decoder_info
 from ..config import to_flat_dict
 from ..data.synthetic import synthetic_exists, write_synthetic
+from ..mlflow_tags import FLAVOR_TAG, JOB_TAG, TOWERS_CONFIG_HASH_TAG
 from ..runtime import init_ray
 from ..tracking import tracking_uri
 from ..train.run import absolute, fit
@@ -86,6 +87,5 @@ def run_towers_pretraining(cfg: TowersConfig) -> TowersResult:
     fitted = fit(train_loop, {"cfg": cfg, "config_hash": config_hash, "threads": threads}, run_name=cfg.run_name,
                  storage_path=c.storage_path, max_failures=c.max_failures, num_to_keep=c.num_to_keep,
                  scaling=scaling, datasets={"train": dataset}, tracking_cfg=cfg.tracking, params=to_flat_dict(cfg),
-                 tags={"dreamllm.job": "towers", "dreamllm.flavor": cfg.flavor,
-                       "dreamllm.towers_config_hash": config_hash}, label="towers", check=check)
+                 tags={JOB_TAG: "towers", FLAVOR_TAG: cfg.flavor, TOWERS_CONFIG_HASH_TAG: config_hash}, label="towers", check=check)
     return TowersResult(cfg.output, fitted.run_id, cfg.tracking.tracking_uri, info["metrics"], skipped=False)

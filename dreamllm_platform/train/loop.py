@@ -22,7 +22,8 @@ from dreamllm.model import DreamLLM
 from .. import storage
 from ..checkpoints import export_checkpoint, flavor_config, load_model
 from ..data.assembly import ExampleCollator
-from ..tracking import CHECKPOINT_URI_TAG, RunLogger
+from ..mlflow_tags import CHECKPOINT_URI_TAG, STAGE_TAG
+from ..tracking import RunLogger
 from .config import TrainConfig
 from .worker import MetricWindow, WorkerContext, lr_factor, report_checkpoint
 
@@ -210,7 +211,7 @@ def train_loop(config: dict) -> None:
     export_uri = cfg.checkpoint.export_uri or storage.join(_run_dir(cfg), "export")
     _export(engine, cfg, export_uri, config["run_id"], step, rank)
     if rank == 0:
-        log.tags({CHECKPOINT_URI_TAG: export_uri, "dreamllm.stage": cfg.stage})
+        log.tags({CHECKPOINT_URI_TAG: export_uri, STAGE_TAG: cfg.stage})
         print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
 
 

@@ -21,6 +21,7 @@ from ..config import load_config, to_flat_dict
 from ..data.assembly import training_dataset
 from ..data.config import PrecomputeConfig
 from ..data.store import LatentStore
+from ..mlflow_tags import FLAVOR_TAG, STAGE_TAG
 from ..runtime import cluster_resources, init_ray
 from ..tracking import tracking_uri
 from .config import ScalingSpec, TrainConfig
@@ -113,7 +114,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
                  storage_path=c.storage_path, max_failures=c.max_failures, num_to_keep=c.num_to_keep,
                  scaling=scaling_config(cfg.scaling, cfg.data.data_cpus, len(cfg.data.mix)), datasets=datasets,
                  tracking_cfg=cfg.tracking, params=to_flat_dict(cfg),
-                 tags={"dreamllm.stage": cfg.stage, "dreamllm.flavor": model_cfg.flavor})
+                 tags={STAGE_TAG: cfg.stage, FLAVOR_TAG: model_cfg.flavor})
     result = fitted.result
     export = c.export_uri or storage.join(c.storage_path, cfg.run_name, "export")
     return StageResult(run_name=cfg.run_name, mlflow_run_id=fitted.run_id, tracking_uri=cfg.tracking.tracking_uri,
