@@ -104,5 +104,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if missing:
         raise ValueError(f"{root / WEIGHTS_FILE} lacks {missing}")
     model.load_state_dict(state, strict=False)
-    model.set_stage(info["stage"])
+    model.set_stage(info["stage"], info.get("llm_trained"))
     return model.to(device=device, dtype=dtype).eval()

@@ -80,14 +80,19 @@ class DreamLLM(nn.Module):
                    components.build_train_scheduler(cfg.diffusion))
 
     # ------------------------------------------------------------- freezing
-    def set_stage(self, stage: str) -> "DreamLLM":
-        """Apply the stage's freeze policy: only TRAINABLE[stage] gets gradients; frozen towers in eval()."""
+    def set_stage(self, stage: str, train_llm: bool | None = None) -> "DreamLLM":
+        """Apply the stage's freeze policy: only TRAINABLE[stage] gets gradients; frozen towers in eval().
+
+        `train_llm` overrides the policy for the LLM (None: the paper's, frozen in stage I only).
+        """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
         self.stage = stage
         self.requires_grad_(False)
         for name in TRAINABLE[stage]:
             getattr(self, name).requires_grad_(True)
+        if train_llm is not None:
+            self.llm.requires_grad_(train_llm)
         return self.train(self.training)
 
     def set_gradient_checkpointing(self, on: bool) -> "DreamLLM":
@@ -113,7 +118,7 @@ class DreamLLM(nn.Module):
 
     @property
     def llm_trainable(self) -> bool:
-        return "llm" in TRAINABLE[self.stage]
+        return any(p.requires_grad for p in self.llm.parameters())
 
     @property
     def device(self) -> torch.device:

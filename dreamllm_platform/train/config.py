@@ -33,6 +33,10 @@ class ModelSpec:
     """Override the flavor's gradient checkpointing switch (None keeps it)."""
     condition_dropout: float | None = None
     """Override the condition dropout for guidance (None keeps the model's)."""
+    train_llm: bool | None = None
+    """Train the LLM in this stage (at `optim.llm_lr`); None: the paper's policy, frozen in stage I and
+    trained in II and III. The small flavor's embedded run trains it in stage I too: its text-pretrained
+    LLM is too small to learn to read visual tokens frozen (README, "Why comprehension needs the LLM")."""
 
     def __post_init__(self) -> None:
         check(self.flavor in FLAVORS, f"model.flavor must be one of {', '.join(FLAVORS)}, got {self.flavor!r}")
@@ -113,7 +117,8 @@ class OptimSpec:
     """Peak learning rate of DreamLLM's own parameters (visual and condition projectors, dream queries,
     added-token rows), and of the LLM unless `llm_lr` is set (the paper: stage I 2e-3, II 2e-5, SFT 4e-5)."""
     llm_lr: float | None = None
-    """Peak learning rate of the LLM's parameters in the stages that train it (II, III); None: `lr`. The
+    """Peak learning rate of the LLM's parameters in the stages that train it (II, III, and I with
+    `model.train_llm`); None: `lr`. The
     paper uses one rate; a separate one lets the small own parameters move faster than a pretrained LLM."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to biases, norms, queries and added-token rows)."""

@@ -41,7 +41,7 @@ def build_model(cfg: TrainConfig) -> DreamLLM:
         model.cfg.condition_dropout = m.condition_dropout
     if m.gradient_checkpointing is not None:
         model.set_gradient_checkpointing(m.gradient_checkpointing)
-    return model.set_stage(cfg.stage).train()
+    return model.set_stage(cfg.stage, m.train_llm).train()
 
 
 def param_groups(model: DreamLLM, weight_decay: float, lr: float, llm_lr: float | None = None) -> list[dict]:
