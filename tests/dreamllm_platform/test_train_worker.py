@@ -10,8 +10,8 @@ from dreamllm_platform.train.loop import lr_lambda, param_groups
 from dreamllm_platform.train.worker import MetricWindow, WorkerContext, lr_factor
 
 
-def optimizer_of(stage: str, optim: OptimSpec):
-    model = DreamLLM.from_config(get_flavor("debug")).set_stage(stage)
+def optimizer_of(stage: str, optim: OptimSpec, train_llm: bool | None = None):
+    model = DreamLLM.from_config(get_flavor("debug")).set_stage(stage, train_llm)
     cfg = TrainConfig(stage=stage, optim=optim)
     opt = torch.optim.AdamW(param_groups(model, 0.1, optim.lr, optim.llm_lr), lr=optim.lr)
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -40,6 +40,21 @@ def test_without_llm_lr_one_rate_and_a_frozen_llm_has_no_group():
     assert {g["initial_lr"] for g in opt.param_groups} == {3e-4}
     _, opt, _ = optimizer_of("align", OptimSpec(lr=2e-3, llm_lr=1e-5))
     assert {g["name"] for g in opt.param_groups} == {"own"}
+
+
+def test_stage_one_trains_the_llm_at_its_rate_when_asked_and_its_checkpoint_keeps_it(tmp_path):
+    from dreamllm.checkpoint import load_checkpoint, save_checkpoint
+
+    model, opt, _ = optimizer_of("align", OptimSpec(lr=2e-3, llm_lr=2e-4), train_llm=True)
+    assert model.llm_trainable and all(p.requires_grad for p in model.llm.parameters())
+    assert {g["name"]: g["initial_lr"] for g in opt.param_groups} == {"llm": 2e-4, "own": 2e-3}
+    assert not any(p.requires_grad for part in ("vision", "unet", "vae") for p in getattr(model, part).parameters())
+    with torch.no_grad():
+        next(model.llm.parameters()).add_(1.0)  # a trained LLM differs from the flavor's random one
+    again = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "llm").is_dir() and again.llm_trainable
+    assert torch.equal(next(again.llm.parameters()), next(model.llm.parameters()))
+    assert not DreamLLM.from_config(get_flavor("debug")).set_stage("align").llm_trainable  # the paper's policy
 
 
 def test_each_rank_draws_its_own_noise_and_a_resume_draws_afresh():
