@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from . import components
 from .config import STAGES, DreamLLMConfig
@@ -30,14 +31,19 @@ ALWAYS_FROZEN = ("vision", "unet", "vae")
 
 
 @dataclass
-class DreamLLMOutput:
-    """Losses of one forward pass (weighted `loss` plus its parts, unweighted)."""
+class DreamLLMOutput(ModelOutput):
+    """Losses of one forward pass (weighted `loss` plus its parts, unweighted).
 
-    loss: torch.Tensor
-    loss_lm: torch.Tensor
-    loss_diffusion: torch.Tensor
-    num_text_tokens: int
-    num_images_created: int
+    A transformers `ModelOutput` (a dict too) rather than a plain dataclass: DeepSpeed ZeRO-3 finds a
+    module's output tensors only in tensors, tuples and dicts, and it re-gathers the parameters DreamLLM
+    holds itself (dream queries, added-token rows) for backward through hooks on those tensors.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_lm: torch.Tensor | None = None
+    loss_diffusion: torch.Tensor | None = None
+    num_text_tokens: int | None = None
+    num_images_created: int | None = None
 
 
 class DreamLLM(nn.Module):
@@ -232,6 +238,17 @@ class DreamLLM(nn.Module):
         return loss
 
     # -------------------------------------------------------------- training
+    def _own_params_term(self, like: torch.Tensor) -> torch.Tensor:
+        """A scalar that depends on every own parameter (multiply by 0 to keep them all in the graph).
+
+        The projectors are called on zero rows rather than their weights read: DeepSpeed ZeRO-3 holds a
+        submodule's weights only inside that submodule's own forward (outside it they have no elements).
+        """
+        terms = [proj(like.new_zeros(0, proj.in_features)).sum()
+                 for proj in (self.visual_projector, self.condition_projector)]
+        terms += [p.sum() for p in (self.dream_queries, self.new_token_embed, self.new_token_head)]
+        return sum(terms)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, latents: torch.Tensor | None = None,
                 latent_mean: torch.Tensor | None = None, latent_logvar: torch.Tensor | None = None,
@@ -262,6 +279,6 @@ class DreamLLM(nn.Module):
 
         # Every trainable own parameter joins the graph even when a batch has no
         # image of some kind, so data-parallel gradient reduction never waits on it.
-        keep_graph = sum(p.sum() for p in self.own_named_parameters().values() if p.requires_grad) * 0.0
+        keep_graph = self._own_params_term(hidden) * 0.0
         loss = w.lm * loss_lm + w.diffusion * loss_diff + keep_graph
         return DreamLLMOutput(loss, loss_lm.detach(), loss_diff.detach(), n_text, n_dream)

@@ -185,3 +185,14 @@ def test_denoising_loss_timestep_draw_and_min_snr_weighting(model):
                                 torch.Generator().manual_seed(4))
         got = model.diffusion_loss(cond, latents=x0, generator=torch.Generator().manual_seed(4))
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_a_text_only_batch_still_gives_every_own_parameter_a_gradient(model, builder):
+    # Data-parallel reduction (DDP, DeepSpeed) waits for every trainable parameter's gradient, so the
+    # projectors and queries must join the graph on a batch that has no image at all.
+    doc = builder.document([Text("a red circle on a blue background.")])
+    batch = collate([[doc]], model.ids.pad)
+    model.set_stage("igpt").train()
+    model(**batch).loss.backward()
+    for n, p in model.own_named_parameters().items():
+        assert p.grad is not None, f"{n} got no gradient from a text-only batch"
