@@ -49,7 +49,7 @@ api = FastAPI(title="DreamLLM", description="OpenAI-compatible chat and image ge
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -70,10 +70,21 @@ async def _unexpected(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(APIError(500, "Internal server error.", type="server_error").body(), status_code=500)
 
 
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def _overloaded(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="overloaded", headers=RETRY_AFTER)
+
+
 def _model_unavailable(e: BaseException) -> APIError:
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(e, BackPressureError):  # the model replicas' queues are full (model.max_queued_requests)
+        return _overloaded("The server is at capacity; retry later.")
     logger.warning("model deployment call failed: %r", e)
     return APIError(503, "The model is unavailable right now; retry later.", type="server_error",
-                    code="model_unavailable")
+                    code="model_unavailable", headers=RETRY_AFTER)
 
 
 def _content_pieces(parts: list) -> list[str]:
@@ -88,15 +99,22 @@ def _content_pieces(parts: list) -> list[str]:
     return pieces
 
 
+def _usage(result) -> Usage:
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                 total_tokens=result.prompt_tokens + result.completion_tokens)
+
+
 def _raise_failure(result):
     """A model-side `Failure` as the matching API error; anything else passes through."""
     if isinstance(result, Failure):
+        if result.status == 503:  # the replica's decode loop is full (batching.text_max_waiting)
+            raise _overloaded(result.message)
         raise APIError(result.status, result.message,
                        type="invalid_request_error" if result.status < 500 else "server_error")
     return result
 
 
-async def _sse(cid: str, created: int, model: str, first, rest):
+async def _sse(cid: str, created: int, model: str, first, rest, include_usage: bool = False):
     """OpenAI's chunk stream: a role delta, text deltas as the model decodes, the rest of the answer
     (created images and the text after them) from the final result, a finish chunk, then [DONE].
 
@@ -131,6 +149,9 @@ async def _sse(cid: str, created: int, model: str, first, rest):
     if rest_text:
         yield chunk(ChunkDelta(content=rest_text))
     yield chunk(ChunkDelta(), item.finish_reason)
+    if include_usage:  # as OpenAI: one more chunk, with no choices, that carries the usage
+        yield event(ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
+                                        usage=_usage(item)).model_dump())
     yield "data: [DONE]\n\n"
 
 
@@ -196,6 +217,7 @@ class OpenAIIngress:
             raise APIError(400, "Only response_format='b64_json' is supported.", param="response_format",
                            code="unsupported_value")
         check_max(len(req.prompt), self.limits.max_prompt_chars, "prompt")
+        check_max(len(req.negative_prompt), self.limits.max_prompt_chars, "negative_prompt")
         check_max(req.n, self.limits.max_n, "n")
         steps = req.steps or self.cfg.defaults.steps
         check_max(steps, self.limits.max_steps, "steps")
@@ -224,17 +246,17 @@ class OpenAIIngress:
         job = await self._chat_job(req)
         cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.cfg.model.name
         if req.stream:
-            return await self._stream(job, cid, created, name)
+            return await self._stream(job, cid, created, name,
+                                      bool(req.stream_options and req.stream_options.include_usage))
         result = _raise_failure(await self._call("chat", job))
         pieces = await asyncio.to_thread(_content_pieces, result.parts)
         return ChatCompletion(
             id=cid, created=created, model=name,
             choices=[ChatChoice(message=ChatCompletionMessage(content="\n\n".join(pieces)),
                                 finish_reason=result.finish_reason)],
-            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                        total_tokens=result.prompt_tokens + result.completion_tokens)).model_dump()
+            usage=_usage(result)).model_dump()
 
-    async def _stream(self, job: ChatJob, cid: str, created: int, name: str) -> StreamingResponse:
+    async def _stream(self, job: ChatJob, cid: str, created: int, name: str, include_usage: bool) -> StreamingResponse:
         """Server-sent events; the first item is awaited before answering so early failures stay 4xx/5xx."""
         try:
             gen = self.model.options(stream=True).chat_stream.remote(job)
@@ -244,7 +266,7 @@ class OpenAIIngress:
         except Exception as e:
             raise _model_unavailable(e) from None
         _raise_failure(first)
-        return StreamingResponse(_sse(cid, created, name, first, gen), media_type="text/event-stream",
+        return StreamingResponse(_sse(cid, created, name, first, gen, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     async def _chat_job(self, req: ChatCompletionRequest) -> ChatJob:
@@ -282,6 +304,8 @@ class OpenAIIngress:
             if not items:
                 raise APIError(400, f"Message {i} has no content.", param=f"messages.{i}.content")
             turns.append((m.role, items))
+        chars = sum(len(v) for _, items in turns for kind, v in items if kind == "text") + sum(map(len, system))
+        check_max(chars, self.limits.max_chat_chars, "messages")
         if system:
             first_user = next(t for t in turns if t[0] == "user")
             first_user[1].insert(0, ("text", "\n".join(system)))
@@ -335,6 +359,7 @@ def build_app(cfg: ServeConfig):
     m, g = cfg.model, cfg.ingress
     model = DreamLLMModel.options(
         ray_actor_options=_model_resources(cfg), max_ongoing_requests=m.max_ongoing_requests,
+        max_queued_requests=m.max_queued_requests,
         autoscaling_config={"min_replicas": m.min_replicas, "max_replicas": m.max_replicas,
                             "target_ongoing_requests": m.target_ongoing_requests},
     ).bind(m, cfg.batching, cfg.tracking)

@@ -43,8 +43,11 @@ class ModelConfig:
     """Autoscaling upper bound of model replicas."""
     target_ongoing_requests: float = 8.0
     """Autoscaling target of in-flight requests per model replica."""
-    max_ongoing_requests: int = 32
-    """Requests a model replica holds at once; must cover a full batch of each kind."""
+    max_ongoing_requests: int = 64
+    """Requests a model replica holds at once (decoding, waiting for a row, images); at least the largest batch."""
+    max_queued_requests: int = 64
+    """Requests queued for the model replicas beyond their `max_ongoing_requests`; beyond it the API answers 503
+    with Retry-After (-1: unbounded)."""
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.uri).scheme
@@ -57,6 +60,7 @@ class ModelConfig:
         check(1 <= self.min_replicas <= self.max_replicas, "model replicas need 1 <= min_replicas <= max_replicas")
         check(self.target_ongoing_requests > 0, "model.target_ongoing_requests must be > 0")
         check(self.max_ongoing_requests >= 1, "model.max_ongoing_requests must be >= 1")
+        check(self.max_queued_requests >= -1, "model.max_queued_requests must be >= 0 (or -1: unbounded)")
 
 
 @dataclass
@@ -86,20 +90,25 @@ class IngressConfig:
 
 @dataclass
 class BatchingConfig:
-    """Dynamic batching (`@serve.batch`) inside each model replica."""
+    """Batching inside each model replica: `@serve.batch` for images, continuous batching for chat."""
 
     image_max_batch_size: int = 8
     """Images created in one call (a request with n images counts n); 1 disables image batching."""
     image_batch_wait_s: float = 0.02
     """How long the first image request waits for others to join its batch."""
-    text_max_batch_size: int = 4
-    """Chat requests taken together in one call; 1 disables text batching."""
-    text_batch_wait_s: float = 0.01
-    """How long the first chat request waits for others to join its batch."""
+    text_max_rows: int = 16
+    """Chat answers decoded together in one forward pass (requests join between steps); 1 decodes one at a time."""
+    text_token_budget: int = 16384
+    """Tokens the decoding rows may reserve together (each its prompt + max_tokens); a request waits while it
+    would exceed it (one that exceeds it alone runs when nothing else does)."""
+    text_max_waiting: int = 32
+    """Chat requests a replica holds waiting for a row; beyond it a request gets 503 with Retry-After."""
 
     def __post_init__(self) -> None:
-        check(self.image_max_batch_size >= 1 and self.text_max_batch_size >= 1, "batch sizes must be >= 1")
-        check(self.image_batch_wait_s >= 0 and self.text_batch_wait_s >= 0, "batch waits must be >= 0")
+        check(self.image_max_batch_size >= 1 and self.text_max_rows >= 1, "batch sizes must be >= 1")
+        check(self.image_batch_wait_s >= 0, "batching.image_batch_wait_s must be >= 0")
+        check(self.text_token_budget >= 1, "batching.text_token_budget must be >= 1")
+        check(self.text_max_waiting >= 0, "batching.text_max_waiting must be >= 0")
 
 
 @dataclass
@@ -113,7 +122,9 @@ class LimitsConfig:
     max_images_per_request: int = 4
     """Input images in one chat request."""
     max_prompt_chars: int = 4000
-    """Longest image-generation prompt."""
+    """Longest image-generation prompt (and negative prompt)."""
+    max_chat_chars: int = 32000
+    """Text characters of one chat request, all messages (system included) together."""
     max_n: int = 4
     """Images per image-generation request."""
     max_steps: int = 50
@@ -130,7 +141,7 @@ class LimitsConfig:
     """Timeout of one remote image download."""
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_image_pixels", "max_images_per_request", "max_prompt_chars", "max_n",
+        for name in ("max_request_bytes", "max_image_pixels", "max_images_per_request", "max_prompt_chars", "max_chat_chars", "max_n",
                      "max_steps", "max_tokens", "max_output_side"):
             check(getattr(self, name) >= 1, f"limits.{name} must be >= 1")
         check(self.max_created_images >= 0, "limits.max_created_images must be >= 0")
@@ -217,6 +228,6 @@ class ServeConfig:
         check(self.defaults.steps <= self.limits.max_steps, "defaults.steps exceeds limits.max_steps")
         check(self.defaults.created_images <= self.limits.max_created_images,
                "defaults.created_images exceeds limits.max_created_images")
-        need = max(self.batching.image_max_batch_size, self.batching.text_max_batch_size)
+        need = max(self.batching.image_max_batch_size, self.batching.text_max_rows)
         check(self.model.max_ongoing_requests >= need,
                f"model.max_ongoing_requests ({self.model.max_ongoing_requests}) must be >= the largest batch ({need})")

@@ -36,9 +36,10 @@ class APIError(Exception):
     """A refused request: rendered as {"error": {message, type, param, code}} with `status`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -93,6 +94,8 @@ async def read_json(request: Request, schema: type[M], limits: LimitsConfig) -> 
         payload = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"Request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # nesting deeper than the parser's stack: never a 500
+        raise APIError(400, "Request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise APIError(400, "Request body must be a JSON object.", code="invalid_json")
     try:

@@ -1,12 +1,15 @@
-"""The model deployment: one DreamLLM per replica, with dynamically batched image and chat generation.
+"""The model deployment: one DreamLLM per replica, batched image creation and continuously batched chat.
 
 Owns: resolving the model reference to a local checkpoint (registry references
 and object storage go through `dreamllm_platform.checkpoints`), loading it once per replica on the
 replica's device, and the entry points the ingress calls: `create_images`
 (`@serve.batch`; requests with the same sampling settings run as one batched
-`dreamllm.generation.text_to_image` call), `chat` (`@serve.batch`; answers with
-text and created images) and `chat_stream` (one request, text deltas as they
-are decoded). It also defines the plain job/result records that travel
+`dreamllm.generation.text_to_image` call), `chat` and `chat_stream` (answers
+with text and created images, streamed as decoded): every chat request joins
+the replica's one decode loop (`dreamllm.generation.BatchDecoder`), which
+admits requests between decode steps up to `batching.text_max_rows` rows and
+`batching.text_token_budget` reserved tokens, drops a row whose caller went
+away, and answers 503 when `batching.text_max_waiting` requests already wait. It also defines the plain job/result records that travel
 between the ingress and this deployment.
 
 Per-request failures come back as `Failure` values instead of exceptions: in a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +125,12 @@ class DreamLLMModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamllm")
         self.create_images.set_max_batch_size(batching.image_max_batch_size)
         self.create_images.set_batch_wait_timeout_s(batching.image_batch_wait_s)
-        self.chat.set_max_batch_size(batching.text_max_batch_size)
-        self.chat.set_batch_wait_timeout_s(batching.text_batch_wait_s)
+        self.batching = batching
+        self._waiting: deque[_Ticket] = deque()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._cancelled = self._refused = 0  # rows stopped because their caller went away; requests refused (503)
+        self._reset_decoder()
 
     def info(self) -> dict:
         """What the ingress needs to validate requests and describe the model."""
@@ -175,97 +183,175 @@ class DreamLLMModel:
         return results
 
     # ---------------------------------------------------------------- chat
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def chat(self, jobs: list[ChatJob]) -> list[ChatResult | Failure]:
-        return await self._run(self._chat, jobs)
+    # Continuous batching: one decode loop per replica (`_decode_loop`) runs `BatchDecoder` steps on the
+    # model thread; requests join between steps while rows and the token budget allow, and leave as soon
+    # as they finish or their caller goes away (Serve cancels the request when the client disconnects or
+    # the ingress times out: the `finally` below marks the row, the next step drops it).
 
-    def _chat(self, jobs: list[ChatJob], emit=None) -> list[ChatResult | Failure]:
-        # dreamllm.generation decodes one sequence at a time, so a text batch is answered request by
-        # request inside one executor call; batched decoding needs a batched `generate` in dreamllm.
-        out: list[ChatResult | Failure] = []
-        for job in jobs:
-            try:
-                out.append(self._chat_one(job, emit))
-            except ValueError as e:  # e.g. the conversation does not fit the context
-                out.append(Failure(str(e), 400))
-            except Exception:
-                logger.exception("chat generation failed")
-                out.append(Failure("chat generation failed inside the model replica", 500))
-        return out
+    async def chat(self, job: ChatJob) -> ChatResult | Failure:
+        """One chat answer (text and created images) decoded in the replica's shared batch."""
+        ticket = self._submit(job, stream=False)
+        if isinstance(ticket, Failure):
+            return ticket
+        try:
+            return await ticket.events.get()
+        finally:
+            ticket.cancelled = True
 
     async def chat_stream(self, job: ChatJob):
-        """Streamed chat (not batched): yields text deltas (str) as tokens are decoded, then the final
-        `ChatResult` or `Failure`. Call through `handle.options(stream=True)`."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        def emit(delta: str) -> None:  # called on the executor thread
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
-
-        work = loop.run_in_executor(self._executor, lambda: self._chat([job], emit)[0])
-        # Deltas and completion both arrive through call_soon_threadsafe, so `done` comes after every delta.
-        work.add_done_callback(lambda _: queue.put_nowait(done))
-        while (item := await queue.get()) is not done:
+        """Streamed chat: yields text deltas (str) as tokens are decoded, then the final `ChatResult` or
+        `Failure`. Call through `handle.options(stream=True)`."""
+        ticket = self._submit(job, stream=True)
+        if isinstance(ticket, Failure):
+            yield ticket
+            return
+        try:
+            while isinstance(item := await ticket.events.get(), str):
+                yield item
             yield item
-        yield work.result()
+        finally:
+            ticket.cancelled = True
 
-    def _chat_one(self, job: ChatJob, emit=None) -> ChatResult:
-        from dreamllm.generation import chat
-        from dreamllm.sequence import Image as ImageItem, SequenceBuilder, Text, Turn
+    def stats(self) -> dict:
+        """The decode loop's load: rows decoding, requests waiting for a row, tokens reserved."""
+        return {"rows": len(self._running), "waiting": sum(not t.cancelled for t in self._waiting),
+                "reserved_tokens": self._reserved, "cancelled": self._cancelled, "refused": self._refused}
 
-        turns = [Turn(role, tuple(Text(v) if kind == "text" else ImageItem(v) for kind, v in items))
-                 for role, items in job.turns]
-        sampling = text_sampling(job.max_tokens, job.temperature, job.top_p, job.max_images, job.seed,
-                                 image_sampling(job.image_steps, job.image_guidance_scale, job.scheduler))
-        steps = [0]
-        streamer = _TextStreamer(self.model.tokenizer, self.model.ids.dream_start, emit) if emit else None
+    def _submit(self, job: ChatJob, stream: bool) -> "_Ticket | Failure":
+        b = self.batching
+        # Requests in the loop: the rows decoding and those waiting (some of which the next step admits).
+        held = len(self._running) + sum(not t.cancelled for t in self._waiting)
+        if held >= b.text_max_rows + b.text_max_waiting:
+            self._refused += 1
+            return Failure(f"The server is at capacity ({b.text_max_rows} answers decoding, "
+                           f"{b.text_max_waiting} waiting); retry later.", 503)
+        ticket = _Ticket(job, stream)
+        self._waiting.append(ticket)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
+        self._wake.set()
+        return ticket
 
-        def observe(generated: list[int], logits):
-            # The logits hook runs before each sampled token: after the last call, len(generated) + 1
-            # tokens were sampled; `generated` also feeds the text streamer.
-            steps[0] = len(generated) + 1
-            if streamer is not None:
-                streamer(generated)
-            return logits
+    async def _decode_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                events = await loop.run_in_executor(self._executor, self._tick)
+            except Exception:  # a bug or a device error: fail the rows in flight, keep the replica serving
+                logger.exception("chat decoding failed for %d row(s)", len(self._running))
+                events = [(t, Failure("chat generation failed inside the model replica", 500)) for t in self._running]
+                self._reset_decoder()
+            for ticket, item in events:
+                ticket.events.put_nowait(item)
 
-        parts = chat(self.model, turns, job.images, sampling, logits_processor=observe)
-        prompt = SequenceBuilder(self.model.tokenizer, self.model.cfg).conversation(turns, add_generation_prompt=True)
-        finish = "length" if steps[0] >= job.max_tokens else "stop"
-        return ChatResult(parts, len(prompt), steps[0], finish)
+    def _reset_decoder(self) -> None:
+        from dreamllm.generation import BatchDecoder
+
+        self._decoder, self._running, self._reserved = BatchDecoder(self.model), [], 0
+
+    def _tick(self) -> list[tuple["_Ticket", str | ChatResult | Failure]]:
+        """On the model thread: admit waiting requests, run one decode step, collect each row's news."""
+        b, out = self.batching, []
+        while self._waiting and len(self._running) < b.text_max_rows:
+            t = self._waiting[0]
+            if t.cancelled:
+                self._waiting.popleft()
+                continue
+            try:
+                if t.inputs is None:
+                    t.inputs = _conversation_inputs(self.model, t.job)
+                # A request reserves its prompt and its whole answer; one that needs more than the budget
+                # alone still runs when nothing else does, so nothing waits forever.
+                cost = len(t.inputs[0]) + t.job.max_tokens
+                if self._running and self._reserved + cost > b.text_token_budget:
+                    break
+                self._waiting.popleft()
+                t.row = self._decoder.add(*t.inputs, _text_sampling(t.job))
+            except ValueError as e:  # e.g. the conversation does not fit the context
+                self._waiting.popleft()
+                out.append((t, Failure(str(e), 400)))
+                continue
+            t.cost, self._reserved = cost, self._reserved + cost
+            if t.stream:
+                t.streamer = _TextStreamer()
+            self._running.append(t)
+        for t in self._running:
+            if t.cancelled:
+                t.row.cancel()
+        if self._decoder.active:
+            self._decoder.step()
+        running = []
+        for t in self._running:
+            if t.streamer is not None and (delta := t.streamer(t.row)):
+                out.append((t, delta))
+            if not t.row.finished:
+                running.append(t)
+                continue
+            self._reserved -= t.cost
+            if t.row.finish_reason == "cancelled":  # the caller is gone: nothing to send
+                self._cancelled += 1
+            else:
+                g = t.row.result()
+                out.append((t, ChatResult(g.parts, g.prompt_tokens, g.completion_tokens, g.finish_reason)))
+        self._running = running
+        return out
+
+
+class _Ticket:
+    """A chat request in the decode loop: its job, its prompt, its row once admitted, and its events
+    (str deltas, then the ChatResult or Failure) for the awaiting caller."""
+
+    def __init__(self, job: ChatJob, stream: bool):
+        self.job, self.stream = job, stream
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.inputs = None
+        self.row = None
+        self.cost = 0
+        self.cancelled = False
+        self.streamer: _TextStreamer | None = None
+
+
+def _conversation_inputs(model, job: ChatJob):
+    from dreamllm.generation import conversation_inputs
+    from dreamllm.sequence import Image as ImageItem, Text, Turn
+
+    turns = [Turn(role, tuple(Text(v) if kind == "text" else ImageItem(v) for kind, v in items))
+             for role, items in job.turns]
+    return conversation_inputs(model, turns, job.images)
+
+
+def _text_sampling(job: ChatJob):
+    return text_sampling(job.max_tokens, job.temperature, job.top_p, job.max_images, job.seed,
+                         image_sampling(job.image_steps, job.image_guidance_scale, job.scheduler))
 
 
 class _TextStreamer:
-    """Text deltas of the answer's first text run, read from the token ids the logits hook sees.
+    """Text deltas of a row's first text run, read after each decode step.
 
-    `dreamllm.generation.chat` hands back created images only at the end, so live streaming stops at
-    the first `<dream_start>` (and at any decode that rewrites already-sent text); the ingress sends the
-    rest of the answer from the final result. Deltas are stripped like the final parts are, and a
-    trailing partial UTF-8 character is held back, so the streamed text is a prefix of the answer.
+    Live streaming stops at the row's first created image (the ingress sends the rest of the answer,
+    images included, from the final result) and at any decode that rewrites already-sent text. Deltas
+    are stripped like the final parts are, and a trailing partial UTF-8 character is held back, so the
+    streamed text is always a prefix of the answer.
     """
 
-    def __init__(self, tokenizer, dream_start: int, emit):
-        self.tok, self.dream_start, self.emit = tokenizer, dream_start, emit
-        self.ids: list[int] = []
-        self.seen = 0
+    def __init__(self):
         self.sent = ""
         self.live = True
 
-    def __call__(self, generated: list[int]) -> None:
+    def __call__(self, row) -> str:
         if not self.live:
-            return
-        for t in generated[self.seen:]:
-            if t == self.dream_start:
-                self.live = False
-                return
-            self.ids.append(t)
-        self.seen = len(generated)
-        text = self.tok.decode(self.ids, skip_special_tokens=True).strip()
+            return ""
+        if row.parts or row.dreaming:
+            self.live = False
+            return ""
+        text = row.text().strip()
         if text.endswith("\ufffd"):
-            return
+            return ""
         if not text.startswith(self.sent):
             self.live = False
-            return
-        if len(text) > len(self.sent):
-            self.emit(text[len(self.sent):])
-            self.sent = text
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

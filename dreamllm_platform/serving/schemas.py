@@ -17,10 +17,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Identifier-like strings have a fixed cap; prose (messages, prompts) is capped by `limits` in the ingress.
+Name = Annotated[str, Field(max_length=256)]
+
+
 # --------------------------------------------------------------------------- chat
 
 class ImageURL(_Strict):
-    url: str
+    url: str  # capped by limits.max_request_bytes and the image checks (a data URL is the image)
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -40,20 +44,25 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
-    name: str | None = None
+    name: Name | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(_Strict):
-    model: str | None = None
+    model: Name | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="one answer per request")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    user: Name | None = None
     # DreamLLM extras (extra_body): images the model may create in its answer, and how.
     max_images: int | None = Field(default=None, ge=0)
     image_steps: int | None = Field(default=None, ge=1)
@@ -105,18 +114,19 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 # ------------------------------------------------------------------------- images
 
 class ImageGenerationRequest(_Strict):
     prompt: str = Field(min_length=1)
-    model: str | None = None
+    model: Name | None = None
     n: int = Field(default=1, ge=1)
-    size: str | None = Field(default=None, description="'auto' (the model's native size) or 'WxH', square")
+    size: Name | None = Field(default=None, description="'auto' (the model's native size) or 'WxH', square")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    user: str | None = None
+    user: Name | None = None
     # DreamLLM extras (extra_body).
     seed: int | None = Field(default=None, ge=0, lt=2**31 - 64)
     steps: int | None = Field(default=None, ge=1)

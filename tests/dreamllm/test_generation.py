@@ -97,3 +97,113 @@ def test_limits_on_tokens_and_images(model):
     n_tokens = []
     generate(model, ids, None, TextSampling(max_new_tokens=3), lambda g, lg: n_tokens.append(len(g)) or lg)
     assert len(n_tokens) <= 3
+
+
+# ----------------------------------------------------------- batched decoding
+
+def _no_eos(model):
+    def proc(gen, logits):
+        logits = logits.clone()
+        logits[model.ids.eos] = float("-inf")
+        return logits
+    return proc
+
+
+def _conversations(model):
+    """Rows of very different lengths, two with image inputs (one with two images)."""
+    from dreamllm.generation import conversation_inputs
+
+    red, blue = PILImage.new("RGB", (40, 32), "red"), PILImage.new("RGB", (32, 48), "blue")
+    long_text = " ".join(["Tell me about the shapes and colours you can see here."] * 6)
+    convs = [([Turn("user", (Text("Hi."),))], {}),
+             ([Turn("user", (Image("a"), Text("What color is the shape?")))], {"a": red}),
+             ([Turn("user", (Text(long_text),))], {}),
+             ([Turn("user", (Image("a"), Text("and"), Image("b"), Text("Which is blue?")))], {"a": red, "b": blue})]
+    return [conversation_inputs(model, t, im) for t, im in convs]
+
+
+def test_batched_greedy_decoding_equals_decoding_each_row_alone(model):
+    from dreamllm.generation import Request, generate, generate_batch
+
+    inputs = _conversations(model)
+    assert max(len(i) for i, _ in inputs) > 3 * min(len(i) for i, _ in inputs)  # very different lengths
+    # Different limits per row: rows leave the batch at different steps.
+    samplings = [TextSampling(max_new_tokens=n) for n in (12, 5, 9, 12)]
+    procs = [_no_eos(model), None, _no_eos(model), _no_eos(model)]
+    out = generate_batch(model, [Request(i, p, s, f) for (i, p), s, f in zip(inputs, samplings, procs)])
+    for (ids, pixels), s, f, got in zip(inputs, samplings, procs, out):
+        tokens = []
+        alone = generate(model, ids, pixels, s, lambda g, lg, f=f: (tokens.append(len(g)), f(g, lg) if f else lg)[1])
+        assert got.parts == alone, (got.parts, alone)
+        assert got.prompt_tokens == len(ids)
+        assert got.completion_tokens == len(tokens)  # one sampled token per logits call
+        assert got.finish_reason in ("stop", "length")
+    assert [g.completion_tokens for g in out][0] == 12 and out[0].finish_reason == "length"
+
+
+def test_batched_sampling_keeps_each_rows_seed_and_settings(model):
+    from dreamllm.generation import Request, generate, generate_batch
+
+    inputs = _conversations(model)[:3]
+    samplings = [TextSampling(max_new_tokens=8, temperature=1.0, seed=1),
+                 TextSampling(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=2),
+                 TextSampling(max_new_tokens=8)]
+    out = generate_batch(model, [Request(i, p, s, _no_eos(model)) for (i, p), s in zip(inputs, samplings)])
+    for (ids, pixels), s, got in zip(inputs, samplings, out):
+        assert got.parts == generate(model, ids, pixels, s, _no_eos(model))
+
+
+def test_rows_join_and_leave_between_steps_continuous_batching(model):
+    """A row that joins a running batch (and one cancelled mid-way) leaves the others' answers unchanged."""
+    from dreamllm.generation import BatchDecoder, generate
+
+    inputs = _conversations(model)
+    s = TextSampling(max_new_tokens=10)
+    dec = BatchDecoder(model)
+    first = dec.add(*inputs[0], s, _no_eos(model))
+    doomed = dec.add(*inputs[2], s, _no_eos(model))
+    for _ in range(3):
+        dec.step()
+    late = dec.add(*inputs[1], s, _no_eos(model))   # joins at step 4 with a much longer cache around it
+    dec.step()
+    doomed.cancel()
+    width = dec.mask.shape[1]
+    dec.step()
+    assert doomed not in dec.rows and dec.mask.shape[1] < width  # the long row's columns went with it
+    later = dec.add(*inputs[3], s, _no_eos(model))
+    while dec.active:
+        dec.step()
+    assert doomed.result().finish_reason == "cancelled" and len(doomed.generated) == 4  # one token per step
+    for row, (ids, pixels) in ((first, inputs[0]), (late, inputs[1]), (later, inputs[3])):
+        assert row.result().parts == generate(model, ids, pixels, s, _no_eos(model))
+        assert row.result().completion_tokens == 10
+
+
+def test_a_row_that_dreams_gets_its_image_while_the_others_go_on(model):
+    from dreamllm.generation import Request, generate, generate_batch
+
+    ds = model.ids.dream_start
+
+    def dream_at(step):
+        def proc(gen, logits):
+            logits = _no_eos(model)(gen, logits)
+            if len(gen) == step:
+                logits[ds] += 1e4
+            return logits
+        return proc
+
+    inputs = _conversations(model)[:3]
+    samplings = [TextSampling(max_new_tokens=6, max_images=1, image=ImageSampling(num_inference_steps=2, seed=s))
+                 for s in (3, 4, 5)]
+    procs = [dream_at(1), _no_eos(model), dream_at(1)]
+    out = generate_batch(model, [Request(i, p, s, f) for (i, p), s, f in zip(inputs, samplings, procs)])
+    for (ids, pixels), s, f, got in zip(inputs, samplings, procs, out):
+        alone = generate(model, ids, pixels, s, f)
+        assert [type(p).__name__ for p in got.parts] == [type(p).__name__ for p in alone]
+        for a, b in zip(got.parts, alone):
+            if isinstance(a, str):
+                assert a == b
+            else:  # two images made in one UNet call equal the image made alone (to rounding)
+                assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    assert sum(isinstance(p, PILImage.Image) for p in out[0].parts) == 1
+    assert all(isinstance(p, str) for p in out[1].parts)

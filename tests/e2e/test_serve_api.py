@@ -76,13 +76,27 @@ def server(ray_session, s3, tmp_path_factory):
     cfg = load_config(ServeConfig, None, [
         f"model.uri={uri}", f"model.cache_dir={tmp / 'cache'}", f"auth.api_key_file={key_file}",
         "auth.require_api_key=true", f"http.port={port}",
-        "defaults.steps=2", "defaults.max_tokens=6", "limits.max_tokens=32", "limits.max_steps=10",
+        "defaults.steps=2", "defaults.max_tokens=6", "limits.max_tokens=240", "limits.max_steps=10",
+        # A small decode loop (4 rows, 4 waiting) so that the back-pressure test can fill it.
+        "batching.text_max_rows=4", "batching.text_max_waiting=4", "model.max_ongoing_requests=16",
+        "limits.max_chat_chars=2000", "limits.max_prompt_chars=500",
         f"limits.max_image_pixels={64 * 64}", f"limits.max_request_bytes={256 * 1024}", "limits.max_n=4",
     ])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def loop_stats(server):
+    """The model replica's decode-loop counters (rows, waiting, cancelled, refused), read through Serve."""
+    from ray import serve
+
+    from dreamllm_platform.serving.config import ServeConfig
+
+    handle = serve.get_deployment_handle("DreamLLMModel", app_name=ServeConfig().app_name)
+    return lambda: handle.stats.remote().result(timeout_s=30)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +221,73 @@ def test_streaming_sends_openai_chunks_with_the_same_answer(client, max_images):
         assert deltas[0].startswith("![image 1](data:image/png;base64,")
 
 
+def _text_chat(i: int, n: int) -> dict:
+    return dict(model="dreamllm", messages=[{"role": "user", "content": f"Question {i}: " + "why? " * (i * 7 % 23)}],
+                max_tokens=n, extra_body={"max_images": 0})
+
+
+def test_concurrent_streams_answer_what_each_request_gets_alone(client, loop_stats):
+    """Greedy rows of different lengths decoded in one batch (joining and leaving) equal their lone answers."""
+    kwargs = [_text_chat(i, n) for i, n in enumerate((40, 7, 25, 60, 12, 33))]
+    alone = [client.chat.completions.create(**k).choices[0].message.content for k in kwargs]
+
+    def stream(k):
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **k))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+    with ThreadPoolExecutor(len(kwargs)) as pool:
+        together = list(pool.map(stream, kwargs))
+    assert [t for t, _ in together] == alone
+    for (_, usage), k in zip(together, kwargs):  # the usage chunk closes the stream, when asked for
+        assert usage.completion_tokens <= k["max_tokens"] and usage.prompt_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert loop_stats()["rows"] == 0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(client, loop_stats):
+    before = loop_stats()
+    stream = client.chat.completions.create(stream=True, **_text_chat(1, 240))
+    it = iter(stream)
+    for _ in range(3):  # the role chunk and two text deltas: the row is decoding
+        next(it)
+    stream.close()  # the connection goes away with ~200 tokens still to decode
+    deadline = time.monotonic() + 30
+    while (now := loop_stats())["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now["cancelled"] == before["cancelled"] + 1, now  # stopped, not finished in the background
+    assert now["rows"] == 0
+    r = client.chat.completions.create(**_text_chat(2, 5))  # and the replica goes on serving
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_full_decode_loop_answers_503_and_the_admitted_requests_all_succeed(client, loop_stats):
+    """24 long requests at once against 4 rows + 4 waiting: the rest are refused at once, with Retry-After."""
+    before = loop_stats()["refused"]
+
+    def ask(i):
+        try:
+            r = client.chat.completions.create(**_text_chat(i, 120))
+            return r.choices[0].finish_reason, r.usage.completion_tokens
+        except openai.InternalServerError as e:
+            return e
+
+    with ThreadPoolExecutor(24) as pool:
+        out = list(pool.map(ask, range(24)))
+    refused = [e for e in out if isinstance(e, Exception)]
+    served = [o for o in out if not isinstance(o, Exception)]
+    assert refused and len(served) >= 8, out
+    for e in refused:
+        assert e.status_code == 503 and e.response.headers["retry-after"] == "1"
+        _assert_openai_error(e.response.json(), code="overloaded")
+    for finish, tokens in served:
+        assert finish in ("stop", "length") and 0 < tokens <= 120
+    assert loop_stats()["refused"] - before == len(refused)
+
+
 def test_streaming_errors_before_the_first_token_keep_their_status(client):
     with pytest.raises(openai.BadRequestError, match="does not fit the context"):
         list(client.chat.completions.create(model="dreamllm", stream=True, max_tokens=3,
-                                            messages=[{"role": "user", "content": " ".join(["word"] * 3000)}]))
+                                            messages=[{"role": "user", "content": " ".join(["word"] * 399)}]))  # over the context
 
 
 # ------------------------------------------------------------ refused requests
@@ -254,6 +331,43 @@ def test_malformed_payloads_get_openai_errors(server, path, body, code, param):
     _assert_openai_error(out, code=code, param=param)
 
 
+def _chat_body(**fields) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+LONG = "x" * 2001  # over this server's limits.max_chat_chars (2000) and every other string cap
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", _chat_body(messages=[{"role": "user", "content": LONG}]), "messages"),
+    ("/v1/chat/completions", _chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": LONG}]}]),
+     "messages"),
+    ("/v1/chat/completions", _chat_body(messages=[{"role": "system", "content": LONG},
+                                                  {"role": "user", "content": "hi"}]), "messages"),
+    ("/v1/chat/completions", _chat_body(messages=[{"role": "user", "content": "hi", "name": LONG}]),
+     "messages.0.name"),
+    ("/v1/chat/completions", _chat_body(model=LONG), "model"),
+    ("/v1/chat/completions", _chat_body(user=LONG), "user"),
+    ("/v1/chat/completions", _chat_body(seed=2**64), "seed"),
+    ("/v1/chat/completions", _chat_body(seed=-1), "seed"),
+    ("/v1/chat/completions", _chat_body(image_steps=10**6), "image_steps"),
+    ("/v1/chat/completions", _chat_body(image_guidance_scale=1e9), "image_guidance_scale"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    ("/v1/images/generations", json.dumps({"prompt": "x" * 501}).encode(), "prompt"),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "negative_prompt": "x" * 501}).encode(), "negative_prompt"),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "size": LONG}).encode(), "size"),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "user": LONG}).encode(), "user"),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "seed": 2**40}).encode(), "seed"),
+    ("/v1/images/generations", json.dumps({"prompt": "x", "guidance_scale": -3}).encode(), "guidance_scale"),
+])
+def test_oversize_and_out_of_range_fields_get_4xx_before_model_work(server, path, body, param):
+    status, out = _raw(server, "POST", path, body)
+    assert 400 <= status < 500, (status, out)
+    err = _assert_openai_error(out)
+    if param is not None:
+        assert err["param"] == param, err
+
+
 def test_client_sees_bad_request_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="dreamllm", messages=[{"role": "user", "content": "hi"}], temperature=5)
@@ -282,8 +396,8 @@ def test_oversized_and_remote_images_are_refused(server, client):
 
 def test_a_failing_request_does_not_fail_its_batch(client):
     """A prompt longer than the context fails inside the model (400); a request sent with it (and usually
-    sharing its text batch) still succeeds."""
-    too_long = " ".join(["word"] * 3000)
+    joining the same decode loop) still succeeds."""
+    too_long = " ".join(["word"] * 399)  # under max_chat_chars, over the 256-token context
 
     def ask(text):
         try:
