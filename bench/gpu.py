@@ -464,11 +464,12 @@ def inference_model(shapes: Shapes, device: torch.device) -> DreamLLM:
 def serving_section(shapes: Shapes, device: torch.device) -> dict:
     """Chat and text-to-image through `dreamllm.generation`, at 1 and 16 requests.
 
-    Chat: the library decodes one sequence at a time, so 16 requests are answered one after another, as
-    the Serve replica answers a batch of them today. Images: 16 prompts are one batched `text_to_image`
+    Chat: 16 requests one after another (one-at-a-time decoding) and as one `generate_batch` (the
+    batched decode loop the Serve replica runs). Images: 16 prompts are one batched `text_to_image`
     call, as the replica's `@serve.batch` makes them. EOS is masked so every answer has the same length.
     """
-    from dreamllm.generation import ImageSampling, TextSampling, chat, text_to_image
+    from dreamllm.generation import ImageSampling, Request, TextSampling, conversation_inputs, generate_batch, \
+        text_to_image
     from dreamllm.sequence import Turn
 
     model = inference_model(shapes, device)
@@ -479,19 +480,25 @@ def serving_section(shapes: Shapes, device: torch.device) -> dict:
         logits[eos] = float("-inf")
         return logits
 
-    def answer(i: int):
+    def request(i: int) -> Request:
         turn = Turn("user", (Text(f"Describe picture number {i} of a red circle on a blue background."),))
-        chat(model, [turn], sampling=TextSampling(max_new_tokens=shapes.chat_tokens), logits_processor=no_eos)
+        ids, _ = conversation_inputs(model, [turn])
+        return Request(ids, None, TextSampling(max_new_tokens=shapes.chat_tokens), no_eos)
 
     sampling = ImageSampling(num_inference_steps=shapes.image_steps, seed=0)
-    answer(0)
+    generate_batch(model, [request(0)])
     text_to_image(model, ["warm-up"], sampling)
     cases = {}
     for c in shapes.concurrency:
-        decoded[0] = 0
-        t = timed(lambda: [answer(i) for i in range(c)], device, 0, 1)[0]
-        cases[f"chat, {c} request{'s one after another' if c > 1 else ''}"] = {
-            "tokens_per_s": round(decoded[0] / t, 1), "tokens": decoded[0], "seconds_per_request": round(t / c, 3)}
+        runs = {"one after another": lambda: [generate_batch(model, [request(i)]) for i in range(c)],
+                "in one batch": lambda: generate_batch(model, [request(i) for i in range(c)])}
+        for how, run in runs.items() if c > 1 else [("", runs["in one batch"])]:
+            decoded[0] = 0
+            reset_peak_memory(device)
+            t = timed(run, device, 0, 1)[0]
+            cases[f"chat, {c} request{'s ' + how if c > 1 else ''}"] = {
+                "tokens_per_s": round(decoded[0] / t, 1), "tokens": decoded[0], "seconds_per_request": round(t / c, 3),
+                "peak_memory_gib": peak_memory_gib(device)}
         reset_peak_memory(device)
         t = timed(lambda: text_to_image(model, [f"a shape number {i}" for i in range(c)], sampling), device, 0, 1)[0]
         cases[f"images, {c} prompt{'s in one batched call' if c > 1 else ''}"] = {

@@ -207,6 +207,10 @@ class DreamLLMModel:
             return
         try:
             while isinstance(item := await ticket.events.get(), str):
+                # Deltas that piled up while the caller was busy leave as one item: each item costs a
+                # round trip through Serve, and under load that, not decoding, would bound the stream.
+                while not ticket.events.empty() and isinstance(ticket.events._queue[0], str):
+                    item += ticket.events.get_nowait()
                 yield item
             yield item
         finally:
