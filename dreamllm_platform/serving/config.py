@@ -207,7 +207,7 @@ class ServeConfig:
     ingress: IngressConfig = field(default_factory=IngressConfig)
     """The HTTP ingress deployment."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    """Dynamic batching in the model deployment."""
+    """Batching in the model deployment: images per call, chat rows decoded together."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Request caps."""
     auth: AuthConfig = field(default_factory=AuthConfig)
