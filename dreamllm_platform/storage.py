@@ -5,7 +5,8 @@ Owns: telling remote from local URIs and turning local ones (paths and
 pyarrow and Ray Data (`filesystem=` argument), small whole-object reads and
 writes (atomic on local disks), listing, uploading a local directory, and
 downloading a remote directory to a local cache (model loading resolves
-`s3://` checkpoints and decoders through it).
+`s3://` checkpoints and decoders through it), and a directory's content:
+its digest, a copy that verifies it, and a cache key from its listing.
 Nothing else in the project opens object storage by hand.
 
 S3 settings come from the standard AWS environment (`AWS_ENDPOINT_URL` or
@@ -15,6 +16,8 @@ never created at import time.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -203,17 +206,87 @@ def upload_dir(local: str | Path, uri: str, cfg: StorageConfig | None = None) ->
     return uri
 
 
-def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = None) -> Path:
+_CHUNK = 8 << 20
+
+
+def _content_files(uri: str, cfg: StorageConfig | None) -> tuple[fsspec.AbstractFileSystem, str, list[dict]]:
+    """(fs, path, [{"path": relative, "size", **listing}]) of a directory's content files, sorted by path.
+    Hidden names (temp files of writers, `.complete` and other markers) are not content."""
+    fs, path = fsspec_fs(uri, cfg)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"not a directory: {uri}")
+    files = []
+    for p, info in sorted(fs.find(path, detail=True).items()):
+        rel = p[len(path):].strip("/")
+        if info.get("type", "file") == "file" and not any(part.startswith(".") for part in rel.split("/")):
+            files.append({**info, "path": rel, "size": int(info.get("size") or 0)})
+    if not files:
+        raise FileNotFoundError(f"no files under {uri}")
+    return fs, path, files
+
+
+def _digest(manifest: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _stream(fs, path: str, sink=None) -> str:
+    """sha256 of one file's bytes, read in chunks (and written to `sink` when given)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            if sink is not None:
+                sink.write(chunk)
+    return h.hexdigest()
+
+
+def dir_digest(uri: str, cfg: StorageConfig | None = None) -> tuple[str, list[dict]]:
+    """(digest, manifest) of a directory's content: the manifest lists every content file by relative
+    path (sorted) with its size and sha256; the digest is the sha256 of that manifest, so it names the
+    bytes and the layout, whatever the directory is called."""
+    fs, path, files = _content_files(uri, cfg)
+    manifest = [{"path": f["path"], "size": f["size"], "sha256": _stream(fs, f"{path}/{f['path']}")} for f in files]
+    return _digest(manifest), manifest
+
+
+def copy_dir(src: str, dst: str, cfg: StorageConfig | None = None) -> tuple[str, list[dict]]:
+    """Copy the content files of directory `src` to `dst` (any two kinds of URI), streaming; returns
+    (digest, manifest) of the bytes actually copied (as `dir_digest`), so a caller can tell whether
+    `src` changed while it was read."""
+    fs, path, files = _content_files(src, cfg)
+    out_fs, out = fsspec_fs(dst, cfg)
+    manifest = []
+    for f in files:
+        target = f"{out}/{f['path']}"
+        if not is_remote(dst):
+            out_fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        with out_fs.open(target, "wb") as sink:
+            manifest.append({"path": f["path"], "size": f["size"], "sha256": _stream(fs, f"{path}/{f['path']}", sink)})
+    return _digest(manifest), manifest
+
+
+def listing_key(uri: str, cfg: StorageConfig | None = None) -> str:
+    """A cache key for the content of remote directory `uri` from one listing, without reading it:
+    every content file's path, size and ETag (S3's hash of the object's bytes). Rewritten objects
+    get another key, so a cache keyed on it never serves old bytes for a reused path."""
+    _, _, files = _content_files(uri, cfg)
+    listing = [[f["path"], f["size"], str(f.get("ETag") or f.get("etag") or f.get("LastModified", ""))]
+               for f in files]
+    return "etag-" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+
+
+def download_dir(uri: str, cache_dir: str | Path, cfg: StorageConfig | None = None, key: str | None = None) -> Path:
     """A local directory holding the tree at `uri`: local URIs are returned as is; remote ones are
-    copied under `cache_dir/<bucket>/<prefix>` once (a `.complete` marker makes re-use safe after a
-    crash mid-download)."""
+    copied under `cache_dir/<key>` (default key: `<bucket>/<prefix>`) once (a `.complete` marker makes
+    re-use safe after a crash mid-download). Pass a content key (`listing_key`, a registered version's
+    digest) where the objects at `uri` may be rewritten."""
     if not is_remote(uri):
         local = Path(_local_path(uri))
         if not local.is_dir():
             raise FileNotFoundError(f"not a directory: {uri}")
         return local
     fs, path = fsspec_fs(uri, cfg)
-    target = Path(cache_dir) / path
+    target = Path(cache_dir) / (key or path)
     if (target / ".complete").exists():
         return target
     if not fs.isdir(path):
