@@ -19,7 +19,7 @@ from dreamllm.checkpoint import load_checkpoint, save_checkpoint
 from dreamllm.config import DreamLLMConfig, get_flavor
 
 from . import storage
-from .model_registry import resolve_model_ref
+from .model_registry import resolve_checkpoint
 from .storage import StorageConfig
 from .tracking import TrackingConfig
 
@@ -29,10 +29,21 @@ DECODER_FILE = "decoder.json"
 """Written last into a decoder directory by jobs/pretrain_towers.py: without it the directory is unfinished."""
 
 
+def cache_key(ref: str, tracking: TrackingConfig | None = None) -> tuple[str, str | None]:
+    """(checkpoint URI, key of its download cache) for `ref`. The key names the content, never the path
+    alone: `sha256-<digest>` of a registered version, else (remote URIs) the objects' ETags and sizes
+    (`storage.listing_key`), so weights rewritten at a reused path are downloaded again. Local
+    checkpoints are read in place (key None)."""
+    uri, digest = resolve_checkpoint(ref, tracking)
+    if digest:
+        return uri, f"sha256-{digest}"
+    return uri, storage.listing_key(uri) if storage.is_remote(uri) else None
+
+
 def local_checkpoint(ref: str, tracking: TrackingConfig | None = None, cache_dir: str | Path | None = None) -> Path:
-    """A local directory with the checkpoint `ref` names (remote ones are downloaded once per node)."""
-    uri = resolve_model_ref(ref, tracking)
-    return storage.download_dir(uri, cache_dir or CACHE_DIR)
+    """A local directory with the checkpoint `ref` names (remote ones are downloaded once per node and content)."""
+    uri, key = cache_key(ref, tracking)
+    return storage.download_dir(uri, cache_dir or CACHE_DIR, key=key)
 
 
 def load_model(ref: str, device="cpu", dtype=None, tracking: TrackingConfig | None = None):

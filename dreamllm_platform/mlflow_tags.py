@@ -37,12 +37,19 @@ LEARNING_CHECK_SETTINGS_TAG = "dreamllm.learning_check.settings"
 # -------------------------------------------------- on registered versions
 REGISTERED_BY_TAG = "dreamllm.registered_by"
 """Who registered the version."""
+CONTENT_DIGEST_TAG = "dreamllm.content_digest"
+"""The sha256 of the version's checkpoint files (`storage.dir_digest`): where its weights are kept
+(`<registry store>/<model>/sha256-<digest>`) and the serving cache's key."""
+SOURCE_URI_TAG = "dreamllm.source_uri"
+"""The checkpoint the version was registered from (a stage's output folder, which a rerun overwrites);
+the version's `dreamllm.checkpoint_uri` is its immutable copy."""
 EVAL_TAG_PREFIX = "dreamllm.eval."
 """`dreamllm.eval.<metric>`: the version's evaluation metrics (and `run_id`, `dataset`), which the gate reads."""
 EVAL_SET_TAG = EVAL_TAG_PREFIX + "dataset"
 """The digest of the held-out set and settings an evaluation used: the gate compares like with like."""
 MOVE_TAG_PREFIX = "dreamllm.move."
-"""`dreamllm.move.NNNN`: a JSON record of an alias move to this version."""
+"""`dreamllm.move.NNNN`: a JSON record of an alias move to this version (who, when, from and to version,
+metrics, digests, the gate's decision), written before the alias moves."""
 PREVIOUS_CHAMPION_TAG = "dreamllm.previous_champion"
 """The champion before this version was promoted; rollback follows it."""
 FORCE_REASON_TAG = "dreamllm.force_reason"

@@ -1,7 +1,7 @@
 """The MLflow model registry's store: registered models, their versions and aliases.
 
 Owns: registering a checkpoint as a version through an MLflow 3 logged model
-(pyfunc flavor, the checkpoint referenced by URI, never copied), looking
+(pyfunc flavor, the checkpoint referenced by URI: the registry's immutable copy), looking
 versions up by number, alias or `models:/` reference, resolving a reference to
 the checkpoint URI a version points at, moving aliases, version tags, and
 evaluation metrics logged on a version's logged model. The policy on top (what
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Mapping
 
 from . import tracking
-from .mlflow_tags import CHECKPOINT_URI_TAG, MODEL_VERSION_TAG
+from .mlflow_tags import CHECKPOINT_URI_TAG, CONTENT_DIGEST_TAG, MODEL_VERSION_TAG
 from .tracking import TrackingConfig, client, tracking_uri
 
 MODELS_PREFIX = "models:/"
@@ -55,13 +55,19 @@ def version_ref(name: str, version: str) -> str:
 def resolve_model_ref(ref: str, cfg: TrackingConfig | None = None) -> str:
     """A checkpoint URI for `ref`: `models:/NAME@ALIAS` or `models:/NAME/VERSION` are looked up in
     the registry (the version's checkpoint-URI tag); any other string is already a URI."""
+    return resolve_checkpoint(ref, cfg)[0]
+
+
+def resolve_checkpoint(ref: str, cfg: TrackingConfig | None = None) -> tuple[str, str | None]:
+    """(checkpoint URI, content digest) for `ref`: a registered version's copy and the sha256 of its
+    files (None for versions registered before copies were made); (ref, None) for a URI."""
     if not is_model_ref(ref):
-        return ref
+        return ref, None
     version = get_version(cfg or TrackingConfig(), ref)
     uri = version.tags.get(CHECKPOINT_URI_TAG)
     if not uri:
         raise ValueError(f"{ref} (version {version.version}) has no {CHECKPOINT_URI_TAG} tag")
-    return uri
+    return uri, version.tags.get(CONTENT_DIGEST_TAG)
 
 
 def _is_missing(e: Exception) -> bool:
@@ -131,7 +137,7 @@ def register_checkpoint_version(cfg: TrackingConfig, checkpoint_uri: str, run_id
 
     The version is backed by an MLflow 3 logged model whose `pyfunc` flavor
     (`dreamllm_platform.pyfunc_model`) holds only the checkpoint URI in its
-    model config: weights in object storage are referenced, not copied. The
+    model config (`dreamllm_platform.registry` passes its immutable copy). The
     version and the logged model carry the checkpoint-URI tag (serving and
     `resolve_model_ref` read it) and are linked to `run_id` when given.
     """

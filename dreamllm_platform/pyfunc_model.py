@@ -135,7 +135,9 @@ def load_checkpoint_uri(uri: str):
 
     from . import storage
 
-    return load_checkpoint(storage.download_dir(uri, storage.CHECKPOINT_CACHE_DIR), device="cpu")
+    # Keyed on the objects' content (as `checkpoints.cache_key`), never on the path alone.
+    key = storage.listing_key(uri) if storage.is_remote(uri) else None
+    return load_checkpoint(storage.download_dir(uri, storage.CHECKPOINT_CACHE_DIR, key=key), device="cpu")
 
 
 class DreamLLMPyfunc(mlflow.pyfunc.PythonModel):

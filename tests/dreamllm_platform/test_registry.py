@@ -22,7 +22,7 @@ from dreamllm_platform import model_registry, tracking
 from dreamllm_platform.checkpoints import export_checkpoint
 from dreamllm_platform.config import load_config
 from dreamllm_platform.evaluation.tiny import save_tiny_clip, save_tiny_inception
-from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG
+from dreamllm_platform.mlflow_tags import CHECKPOINT_URI_TAG, CONTENT_DIGEST_TAG, SOURCE_URI_TAG
 from dreamllm_platform.registry import RegistryConfig, check_gate, history
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,19 +69,24 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     S = env["set"]
     c = MlflowClient(env["uri"])
 
-    # --- register: a version backed by a pyfunc logged model that references the weights
+    # --- register: a version backed by a pyfunc logged model that references an immutable copy of the weights
     assert register([env["good"], *S, "--who", "alice"]) == 0
-    assert "registered dreamllm version 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "registered dreamllm version 1" in out
     v1 = _version(env, "@candidate")
     assert v1.version == "1" and v1.run_id == env["run_id"]  # linked to its training run via the metadata
-    assert model_registry.resolve_model_ref("models:/dreamllm@candidate", env["tracking"]) == env["good"]
+    copy = str(env["dir"] / "registry" / "dreamllm" / f"sha256-{v1.tags[CONTENT_DIGEST_TAG]}")  # beside mlflow.db
+    assert v1.tags[SOURCE_URI_TAG] == env["good"] and v1.tags[CHECKPOINT_URI_TAG] == copy
+    assert f"copied from    {env['good']}" in out
+    assert model_registry.resolve_model_ref("models:/dreamllm@candidate", env["tracking"]) == copy
+    assert (Path(copy) / "trainable.safetensors").read_bytes() == (Path(env["good"]) / "trainable.safetensors").read_bytes()
     assert v1.source == f"models:/{v1.model_id}"
     logged = c.get_logged_model(v1.model_id)
-    assert logged.source_run_id == env["run_id"] and logged.tags[CHECKPOINT_URI_TAG] == env["good"]
+    assert logged.source_run_id == env["run_id"] and logged.tags[CHECKPOINT_URI_TAG] == copy
     files = {a.path for a in c.list_logged_model_artifacts(v1.model_id)}
-    assert "MLmodel" in files and not any(f.endswith(".safetensors") for f in files)  # not copied
+    assert "MLmodel" in files and not any(f.endswith(".safetensors") for f in files)  # weights: in the store only
     mlmodel = (Path(urlparse(logged.artifact_location).path) / "MLmodel").read_text()
-    assert "python_function" in mlmodel and f"checkpoint_uri: {env['good']}" in mlmodel
+    assert "python_function" in mlmodel and f"checkpoint_uri: {copy}" in mlmodel
 
     # --- evaluate: metrics printed, on the version's tags and on its logged model
     assert evaluate([*S, "--set", "model=models:/dreamllm@candidate", *env["eval"]]) == 0
@@ -249,7 +254,7 @@ def test_configs_promote_yaml_is_the_embedded_defaults():
     assert load_config(RegistryConfig, ROOT / "configs/promote.yaml") == RegistryConfig()
 
 
-def test_a_checkpoint_in_object_storage_is_referenced_by_uri_and_loads_from_there(env, s3):
+def test_a_checkpoint_in_object_storage_is_copied_by_content_and_loads_from_there(env, s3):
     from dreamllm_platform import storage
     from dreamllm_platform.checkpoints import local_checkpoint
     from dreamllm_platform.registry import register
@@ -260,7 +265,11 @@ def test_a_checkpoint_in_object_storage_is_referenced_by_uri_and_loads_from_ther
             storage.write_bytes(f"{remote}/{f.relative_to(env['good'])}", f.read_bytes())
     cfg = load_config(RegistryConfig, None, [f"tracking.tracking_uri={env['uri']}"])
     mv, move = register(cfg, remote, who="erin")
-    assert mv.tags[CHECKPOINT_URI_TAG] == remote and move.alias == "candidate"
+    assert mv.tags[SOURCE_URI_TAG] == remote and move.alias == "candidate"
+    # The same bytes as the local checkpoint registered as v1: one copy, whichever storage they came from.
+    local_mv = register(cfg, env["good"], who="erin")[0]
+    assert mv.tags[CONTENT_DIGEST_TAG] == local_mv.tags[CONTENT_DIGEST_TAG]
+    assert mv.tags[CHECKPOINT_URI_TAG] == local_mv.tags[CHECKPOINT_URI_TAG]
     assert mv.run_id == env["run_id"]  # read from dreamllm.json in the bucket
     files = {a.path for a in MlflowClient(env["uri"]).list_logged_model_artifacts(mv.model_id)}
     assert not any(f.endswith(".safetensors") for f in files)
