@@ -6,7 +6,9 @@
     python jobs/promote.py --history                         list every alias move
 Common: --config configs/promote.yaml, --set gate.metrics.val_loss_lm.tolerance=0.1, --who NAME
 (gate.metrics from YAML or --set replaces the embedded set: start from configs/promote.yaml).
-Exit status 1 when the gate refuses (the failing metrics are printed) or on an error.
+Exit status 1 when the gate refuses (the failing metrics, NaN or missing ones, or held-out set digests are
+printed), when `champion` moved while the promotion ran (compare-and-set: nothing moves; run it again), or on
+an error. Every move is recorded on the version (who, when, from/to, metrics, digests, gate) before it happens.
 """
 import sys
 from pathlib import Path

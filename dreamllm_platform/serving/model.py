@@ -93,7 +93,8 @@ def _images_in(jobs: list[ImageJob]) -> int:
 
 def resolve_checkpoint(cfg: ModelConfig, tracking: TrackingConfig) -> Path:
     """A local directory holding the checkpoint `cfg.uri` names (registry references are looked up,
-    remote checkpoints downloaded once per node), through `dreamllm_platform.checkpoints`."""
+    remote checkpoints downloaded once per node and content: the cache keys on a registered version's
+    digest or the objects' ETags, never the path alone), through `dreamllm_platform.checkpoints`."""
     from dreamllm_platform.checkpoints import local_checkpoint
 
     # Replicas on one node share the download cache; storage.download_dir makes that safe.
