@@ -33,7 +33,7 @@ from dreamllm_platform.sampling import data_url, encode_image
 
 from .config import ServeConfig
 from .limits import APIError, check_api_key, check_max, load_api_key, load_image, parse_size, read_json
-from .model import ChatJob, DreamLLMModel, Failure, ImageJob
+from .model import ChatJob, ChatResult, DreamLLMModel, Failure, ImageJob
 from .schemas import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionMessage,
                       ChatCompletionRequest, ChunkChoice, ChunkDelta, ImageData, ImageGenerationRequest,
                       ImagesResponse, ModelCard, ModelList, Usage)
@@ -115,10 +115,12 @@ def _raise_failure(result):
 
 
 async def _sse(cid: str, created: int, model: str, first, rest, include_usage: bool = False):
-    """OpenAI's chunk stream: a role delta, text deltas as the model decodes, the rest of the answer
-    (created images and the text after them) from the final result, a finish chunk, then [DONE].
+    """OpenAI's chunk stream: a role delta, the content as the model makes it (text deltas, and each
+    created image as its Markdown data-URL piece when it is made), whatever the live stream could not
+    send from the final result, a finish chunk, then [DONE].
 
-    `first` and the async iterator `rest` are the model's stream: str deltas, then a ChatResult or Failure.
+    `first` and the async iterator `rest` are the model's stream: str deltas and PIL images (see
+    `model._Streamer`), then a ChatResult or Failure.
     """
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
@@ -130,9 +132,12 @@ async def _sse(cid: str, created: int, model: str, first, rest, include_usage: b
         return event(body)
 
     yield chunk(ChunkDelta(role="assistant", content=""))
-    sent, item = "", first
+    sent, images, item = "", 0, first
     try:
-        while isinstance(item, str):
+        while not isinstance(item, (ChatResult, Failure)):
+            if not isinstance(item, str):  # a created image, numbered as _content_pieces numbers them
+                images += 1
+                item = f"![image {images}]({await asyncio.to_thread(data_url, item)})"
             sent += item
             yield chunk(ChunkDelta(content=item))
             item = await rest.__anext__()

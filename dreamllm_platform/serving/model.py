@@ -200,18 +200,19 @@ class DreamLLMModel:
             ticket.cancelled = True
 
     async def chat_stream(self, job: ChatJob):
-        """Streamed chat: yields text deltas (str) as tokens are decoded, then the final `ChatResult` or
-        `Failure`. Call through `handle.options(stream=True)`."""
+        """Streamed chat: yields the answer as it is made (str text deltas and created images, see
+        `_Streamer`), then the final `ChatResult` or `Failure`. Call through `handle.options(stream=True)`."""
         ticket = self._submit(job, stream=True)
         if isinstance(ticket, Failure):
             yield ticket
             return
         try:
-            while isinstance(item := await ticket.events.get(), str):
-                # Deltas that piled up while the caller was busy leave as one item: each item costs a
+            while not isinstance(item := await ticket.events.get(), (ChatResult, Failure)):
+                # Text deltas that piled up while the caller was busy leave as one item: each item costs a
                 # round trip through Serve, and under load that, not decoding, would bound the stream.
-                while not ticket.events.empty() and isinstance(ticket.events._queue[0], str):
-                    item += ticket.events.get_nowait()
+                queue = ticket.events
+                while isinstance(item, str) and not queue.empty() and isinstance(queue._queue[0], str):
+                    item += queue.get_nowait()
                 yield item
             yield item
         finally:
@@ -257,7 +258,7 @@ class DreamLLMModel:
 
         self._decoder, self._running, self._reserved = BatchDecoder(self.model), [], 0
 
-    def _tick(self) -> list[tuple["_Ticket", str | ChatResult | Failure]]:
+    def _tick(self) -> list[tuple["_Ticket", str | Image | ChatResult | Failure]]:
         """On the model thread: admit waiting requests, run one decode step, collect each row's news."""
         b, out = self.batching, []
         while self._waiting and len(self._running) < b.text_max_rows:
@@ -281,7 +282,7 @@ class DreamLLMModel:
                 continue
             t.cost, self._reserved = cost, self._reserved + cost
             if t.stream:
-                t.streamer = _TextStreamer()
+                t.streamer = _Streamer()
             self._running.append(t)
         for t in self._running:
             if t.cancelled:
@@ -290,8 +291,8 @@ class DreamLLMModel:
             self._decoder.step()
         running = []
         for t in self._running:
-            if t.streamer is not None and (delta := t.streamer(t.row)):
-                out.append((t, delta))
+            if t.streamer is not None:
+                out += [(t, item) for item in t.streamer(t.row)]
             if not t.row.finished:
                 running.append(t)
                 continue
@@ -316,7 +317,7 @@ class _Ticket:
         self.row = None
         self.cost = 0
         self.cancelled = False
-        self.streamer: _TextStreamer | None = None
+        self.streamer: _Streamer | None = None
 
 
 def _conversation_inputs(model, job: ChatJob):
@@ -333,30 +334,52 @@ def _text_sampling(job: ChatJob):
                          image_sampling(job.image_steps, job.image_guidance_scale, job.scheduler))
 
 
-class _TextStreamer:
-    """Text deltas of a row's first text run, read after each decode step.
+class _Streamer:
+    """What a row adds to its answer after each decode step, in the order of the final answer: str deltas
+    of the content text (the ingress joins pieces with blank lines, as `ChatResult` parts are joined) and
+    each created image when it is made, so text decoded after an image streams live too.
 
-    Live streaming stops at the row's first created image (the ingress sends the rest of the answer,
-    images included, from the final result) and at any decode that rewrites already-sent text. Deltas
-    are stripped like the final parts are, and a trailing partial UTF-8 character is held back, so the
-    streamed text is always a prefix of the answer.
+    Text is stripped like the final parts are, and a trailing partial UTF-8 character is held back, so
+    what is streamed (images rendered as the ingress renders them) is always a prefix of the answer. A
+    decode that rewrites already-sent text stops live streaming; the ingress sends the rest from the
+    final result.
     """
 
+    SEPARATOR = "\n\n"  # between content pieces (text runs, images): app._content_pieces' join
+
     def __init__(self):
-        self.sent = ""
+        self.parts_seen = 0  # row.parts already streamed
+        self.pieces = 0      # content pieces started
+        self.run = ""        # the open text run's text sent so far
         self.live = True
 
-    def __call__(self, row) -> str:
-        if not self.live:
-            return ""
-        if row.parts or row.dreaming:
+    def __call__(self, row) -> list:
+        out: list = []
+        while self.live and self.parts_seen < len(row.parts):
+            part = row.parts[self.parts_seen]
+            self.parts_seen += 1
+            if isinstance(part, str):
+                self._text(part.strip(), out)
+            else:
+                out += [self.SEPARATOR, part] if self.pieces else [part]
+                self.pieces += 1
+            self.run = ""  # a finished part closes the run
+        if self.live and not row.dreaming:
+            text = row.text().strip()
+            if not text.endswith("\ufffd"):
+                self._text(text, out)
+        return out
+
+    def _text(self, text: str, out: list) -> None:
+        if not text:
+            return
+        if not text.startswith(self.run):
             self.live = False
-            return ""
-        text = row.text().strip()
-        if text.endswith("\ufffd"):
-            return ""
-        if not text.startswith(self.sent):
-            self.live = False
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+            return
+        delta = text[len(self.run):]
+        if delta and not self.run:  # a new piece
+            delta = (self.SEPARATOR if self.pieces else "") + delta
+            self.pieces += 1
+        if delta:
+            out.append(delta)
+        self.run = text

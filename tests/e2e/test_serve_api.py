@@ -217,8 +217,9 @@ def test_streaming_sends_openai_chunks_with_the_same_answer(client, max_images):
     assert "".join(deltas) == whole
     if max_images == 0:  # plain text is streamed as it is decoded, not in one piece at the end
         assert len(deltas) >= 3, deltas
-    else:
-        assert deltas[0].startswith("![image 1](data:image/png;base64,")
+    else:  # the image leaves when it is made, as one piece, and the text after it streams live
+        assert deltas[0].startswith("![image 1](data:image/png;base64,") and deltas[0].endswith(")")
+        assert deltas[1].startswith("\n\n") and len(deltas) >= 3, deltas[1:]
 
 
 def _text_chat(i: int, n: int) -> dict:
