@@ -319,7 +319,7 @@ def _step_serve(c: StepConfigs, results: dict) -> dict:
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     api = f"http://{cfg.http.host}:{cfg.http.port}/v1"
     req = AcceptanceRequests(c.cfg.chat_scene, c.cfg.chat_question, c.cfg.image_prompt, c.cfg.seed)
-    return {"app": cfg.app_name, **check_api(api, cfg.model.name, req, c.paths["files"], c.cfg.storage)}
+    return {"app": cfg.app_name, **check_api(api, cfg.model.name, req, c.paths["files"], c.cfg.storage, cfg.auth)}
 
 
 def _step_learning(c: StepConfigs, results: dict) -> dict:

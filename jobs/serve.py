@@ -23,10 +23,12 @@ def main(argv=None) -> int:
 
     from dreamllm_platform.runtime import init_ray, serve_until_stopped
     from dreamllm_platform.serving.app import build_app, check_model_ref
+    from dreamllm_platform.serving.limits import secure_auth
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     try:
-        check_model_ref(cfg)  # before starting Ray: a wrong path fails in a second, not after start-up
+        check_model_ref(cfg)  # before starting Ray: a wrong path or an open public API fails in a second
+        secure_auth(cfg.auth, cfg.http.host)
         init_ray()
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
