@@ -106,3 +106,73 @@ def test_an_api_on_a_public_address_without_a_key_refuses_to_start(tmp_path, mon
     assert secure_auth(ServeConfig().auth, "0.0.0.0").require_api_key
     assert not secure_auth(ServeConfig().auth, "::1").require_api_key
     tally(bad_inputs=2)
+
+
+# ------------------------------------------------------------------ runtime
+
+def test_a_stale_ray_start_record_does_not_hang_a_job_it_starts_a_local_ray(tally):
+    """`ray start --head` then `ray stop` leaves Ray's ray_current_cluster file behind; a job (init_ray
+    with no RAY_ADDRESS) must start a local Ray, not retry the dead GCS for minutes."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    with socket.socket() as s:  # a port nothing listens on once closed: the stopped cluster's GCS
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    temp = tempfile.mkdtemp(prefix="r")  # short: Ray's socket paths live under it
+    try:
+        ray_dir = os.path.join(temp, "ray")
+        os.makedirs(ray_dir)
+        with open(os.path.join(ray_dir, "ray_current_cluster"), "w") as f:
+            f.write(dead)
+        code = ("import ray; from ray._private import services; from dreamllm_platform.runtime import init_ray; "
+                f"assert services.find_bootstrap_address(None) == {dead!r}; "  # Ray reads the record we wrote
+                "init_ray(num_cpus=1); print('CPUS', ray.cluster_resources()['CPU']); ray.shutdown()")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=ray_dir.removesuffix("/ray"), TMPDIR=temp, PYTHONPATH=str(ROOT))
+        try:
+            out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=240)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"init_ray hung on the stale cluster record {dead}: {(e.stdout or b'')[-2000:]!r}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "CPUS 1.0" in out.stdout  # a fresh local Ray with the CPUs asked for
+        assert f"recorded at {dead} does not answer" in out.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    tally(faults_injected=1, runs_completed=1)
+
+
+# ------------------------------------------------------------------ credentials in MLflow
+
+def test_training_and_decoder_runs_log_no_credentials_as_params(tmp_path, tally):
+    from mlflow import MlflowClient
+
+    from dreamllm_platform import tracking
+    from dreamllm_platform.config import to_flat_dict
+    from dreamllm_platform.towers.config import TowersConfig
+
+    secrets = ["tracking-pw", "minio-pw", "sk-storage", "tok-123"]
+    sets = ["tracking.tracking_uri=http://alice:tracking-pw@mlflow.example:5000",
+            "storage.endpoint_url=http://minio:minio-pw@minio.example:9000"]
+    train = load_config(TrainConfig, None, sets, base=STAGE_DEFAULTS["igpt"])
+    towers = load_config(TowersConfig, None, sets)
+    sqlite = tracking.TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking.tracking_uri(sqlite))
+    for name, cfg in (("train", train), ("towers", towers)):
+        # What run_trainer logs (to_flat_dict of the job's config), plus storage keys as a config may hold them.
+        params = {**to_flat_dict(cfg), "storage.secret_access_key": "sk-storage", "hub.token": "tok-123"}
+        with tracking.run(sqlite, f"faults-{name}", params=params) as (run_id, _):
+            pass
+        logged = client.get_run(run_id).data.params
+        assert logged["tracking.tracking_uri"] == "http://alice:***@mlflow.example:5000"
+        assert logged["storage.endpoint_url"] == "http://minio:***@minio.example:9000"
+        assert logged["storage.secret_access_key"] == "***" and logged["hub.token"] == "***"
+        leaked = [s for s in secrets if any(s in v for v in logged.values())]
+        assert not leaked, f"{name} run params carry {leaked}"
+        assert len(logged) == len(params)  # every param still logged, the secret ones masked
+    tally(bad_inputs=2 * len(secrets))
