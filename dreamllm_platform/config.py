@@ -4,7 +4,10 @@ Owns: the one config loader of the project, the `--config/--set` argument
 parsing every job shares, and the configuration reference (`--help-config`:
 every key of a job with its value and the one-line docstring under its field).
 The dataclasses themselves live with the component they configure; unknown
-keys are rejected with the valid ones listed (`dreamllm.config.from_dict`).
+keys are rejected with the valid ones listed and every value is checked
+against its field's type (`dreamllm.config.from_dict`). A map a YAML file
+writes replaces the default map; `--set a.b.c=v` into a map (`sources.laion.uri`)
+changes that value of the entry as it stood and keeps everything else.
 """
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
 """Serve DreamLLM behind an OpenAI-compatible API with Ray Serve.
 
     python jobs/serve.py --set model.uri=/path/to/checkpoint [--config configs/serve.yaml] [--set k=v ...]
-    ray job submit --working-dir . -- python jobs/serve.py --set model.uri=s3://bucket/ckpt --set http.host=0.0.0.0
+    ray job submit --working-dir . -- python jobs/serve.py --set model.uri=s3://bucket/ckpt --set http.host=0.0.0.0 \
+        --set auth.api_key_file=/var/run/secrets/dreamllm/api-key
 
+On an address other than loopback the API needs a key: the file above is the one ray_cluster.yaml
+writes on every node from the secret manager (or $DREAMLLM_API_KEY in the nodes' environment);
+without one the job refuses to start, unless `--set auth.allow_open=true` asks for an open API.
 With a local Ray (no RAY_ADDRESS) the job keeps serving until Ctrl-C, since the
 local Ray ends with it; on a cluster it deploys and exits, and the application
 keeps running there (`serve status`, `serve shutdown` manage it).
