@@ -9,6 +9,7 @@ platform's experiment config, not here.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,7 +227,9 @@ def from_dict(cls: type, d: Any, where: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys raise ValueError listing the valid ones.
 
     Nested dataclass fields and `dict[str, <dataclass>]` fields are built
-    recursively; missing keys keep their defaults.
+    recursively; missing keys keep their defaults, and a field without a default
+    must be given. Every other value is checked against its field's type
+    (`check_type`), so a wrong one fails here naming the key, not deep inside a job.
     """
     if isinstance(d, cls):
         return d
@@ -247,11 +250,79 @@ def from_dict(cls: type, d: Any, where: str = ""):
             sub = typing.get_args(hint)[1]
             kwargs[k] = {name: from_dict(sub, w, f"{where}{k}.{name}.") for name, w in v.items()}
         else:
+            check_type(v, hint, where + k)
             kwargs[k] = v
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in d
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{', '.join(where + k for k in missing)}: required (no default); "
+                         f"given keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(sorted(d)) or 'none'}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # e.g. a scalar where a section was expected
         raise ValueError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def check_type(value: Any, hint: Any, key: str) -> None:
+    """Raise ValueError naming `key`, the type expected and the value given unless `value` fits `hint`.
+
+    As YAML writes values: a list (or tuple) where a tuple or list belongs, an int where a float belongs;
+    a bool is no int and an int no bool (`true` is no CPU count, `1` no switch). Types it does not know
+    (Any, classes, Literal) pass.
+    """
+    if not _fits(value, hint):
+        raise ValueError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+                         + (" (quote it to give a string)" if hint is str and isinstance(value, (int, float)) else ""))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-length tuple: (float, float)
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        return not args or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, dict))
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}" if args else "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plural(hint: Any) -> str:
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(hint) or _type_name(hint)
 
 
 # ----------------------------------------------------------------------------- flavors

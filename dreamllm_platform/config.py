@@ -4,7 +4,10 @@ Owns: the one config loader of the project, the `--config/--set` argument
 parsing every job shares, and the configuration reference (`--help-config`:
 every key of a job with its value and the one-line docstring under its field).
 The dataclasses themselves live with the component they configure; unknown
-keys are rejected with the valid ones listed (`dreamllm.config.from_dict`).
+keys are rejected with the valid ones listed and every value is checked
+against its field's type (`dreamllm.config.from_dict`). A map a YAML file
+writes replaces the default map; `--set a.b.c=v` into a map (`sources.laion.uri`)
+changes that value of the entry as it stood and keeps everything else.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import functools
 import inspect
 import re
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -82,8 +86,44 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ValueError(f"config file {p} is not valid YAML: {e}") from None
     tree = deep_merge(copy.deepcopy(base or {}), tree)
     for o in overrides:
+        if "=" in o:
+            _seed_maps(cls, None, tree, o.split("=", 1)[0].strip().split("."))
         apply_override(tree, o)
     return from_dict(cls, tree)
+
+
+def _seed_maps(cls: type, default: Any, node: Any, parts: list[str]) -> None:
+    """Before `--set a.b.c=v`: put into `node` (the tree of dataclass `cls`, whose current value is `default`,
+    None for the field defaults) every map field (`dict[...]`, e.g. `sources`) on the path that the tree does
+    not name yet, with its default entries. The override then changes one value of one entry and keeps the
+    rest; without this the map would hold only the new entry, its other fields back at their defaults
+    (`--set sources.laion.uri=...` read a webdataset folder as MMC4). A map the YAML names stays as written."""
+    if len(parts) < 2 or not dataclasses.is_dataclass(cls) or not isinstance(node, dict):
+        return
+    name, rest = parts[0], parts[1:]
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:  # an unknown key: from_dict names the valid ones
+        return
+    if default is not None:
+        value = getattr(default, name)
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is dict and isinstance(value, dict):
+        seeded = name not in node
+        if seeded:
+            node[name] = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+                          for k, v in value.items()}
+        entry = node[name].get(rest[0]) if isinstance(node[name], dict) else None
+        args = typing.get_args(hint)
+        if args:  # an entry's own maps: their defaults are the entry's, if it is a default one
+            _seed_maps(args[1], value.get(rest[0]) if seeded else None, entry, rest[1:])
+    elif dataclasses.is_dataclass(hint):
+        _seed_maps(hint, value if dataclasses.is_dataclass(value) else None, node.setdefault(name, {}), rest)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

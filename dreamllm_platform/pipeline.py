@@ -178,8 +178,8 @@ class StepConfigs:
             derived = {"seed": cfg.seed, "model": {"flavor": cfg.flavor, "decoder": p["towers"]},
                        "data": {"store": p["store"], "prepare": False},
                        "checkpoint": {"storage_path": p["runs"]}, **common}
-            # A section given on the command line (--set sft.optim.max_steps=7) replaces the field's default
-            # dict: merge it over the embedded settings, as the YAML's full section merges over them unchanged.
+            # A section a YAML file gives (sft: {optim: {max_steps: 7}}) replaces the field's default dict
+            # (a --set merges into it): merge it over the embedded settings, as the full section merges unchanged.
             base = deep_merge(STAGE_DEFAULTS[stage], _stage_settings(stage))
             self.stages[stage] = build(stage, TrainConfig, derived, getattr(cfg, stage), base)
         self.registry = build("promote", RegistryConfig, common, cfg.promote)
@@ -319,7 +319,7 @@ def _step_serve(c: StepConfigs, results: dict) -> dict:
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     api = f"http://{cfg.http.host}:{cfg.http.port}/v1"
     req = AcceptanceRequests(c.cfg.chat_scene, c.cfg.chat_question, c.cfg.image_prompt, c.cfg.seed)
-    return {"app": cfg.app_name, **check_api(api, cfg.model.name, req, c.paths["files"], c.cfg.storage)}
+    return {"app": cfg.app_name, **check_api(api, cfg.model.name, req, c.paths["files"], c.cfg.storage, cfg.auth)}
 
 
 def _step_learning(c: StepConfigs, results: dict) -> dict:

@@ -1,6 +1,7 @@
 """Ray runtime: connect to a cluster or start a local Ray, once per process.
 
-Owns: `init_ray()` (the single `ray.init` call of jobs and tests), the quiet
+Owns: `init_ray()` (the single `ray.init` call of jobs and tests; it never waits on a stopped cluster
+that `ray start` recorded, see `recorded_cluster`), the quiet
 console of a local Ray (library deprecation notices and transformers warnings
 filtered out, Ray Data's progress and INFO lines in its log file only, the log
 directory printed; progress lines, errors and Ray's warnings stay: see
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -28,8 +30,13 @@ VERBOSE_ENV = "DREAMLLM_VERBOSE"
 
 
 def init_ray(num_cpus: int | None = None, **kwargs) -> None:
-    """Connect to the cluster named by RAY_ADDRESS (set by `ray job submit` and on cluster nodes),
-    else start a local Ray with `num_cpus` logical CPUs (default: all cores). Idempotent."""
+    """Connect to the cluster named by RAY_ADDRESS (set by `ray job submit` and on cluster nodes), else to
+    a running cluster that `ray start` recorded on this machine, else start a local Ray with `num_cpus`
+    logical CPUs (default: all cores). Idempotent.
+
+    A recorded cluster that does not answer within a second or two (`ray stop` leaves its record behind)
+    is reported in one line and a local Ray starts: left to itself, `ray.init()` would spend minutes on
+    GCS time-outs trying to reach it."""
     import ray
 
     if ray.is_initialized():
@@ -39,6 +46,15 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **kwargs)
         return
+    recorded = recorded_cluster(kwargs.get("_temp_dir"))
+    if recorded and _answers(recorded):
+        print(f"[ray] connecting to the cluster that `ray start` recorded at {recorded} "
+              f"(`ray stop` it to run on a local Ray)", flush=True)
+        ray.init(address=recorded, log_to_driver=True, **kwargs)
+        return
+    if recorded:
+        print(f"[ray] the cluster that `ray start` recorded at {recorded} does not answer (stopped?): "
+              f"starting a local Ray", flush=True)
     # A local Ray's workers inherit the environment: put the repo on their import path
     # so that jobs run as `python jobs/x.py` (no editable install) can ship functions.
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -49,12 +65,34 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
         quiet_console()
         runtime_env = kwargs.pop("runtime_env", None) or {}
         kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_worker", **runtime_env}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # address="local": never the recorded cluster (Ray's default for address=None), which is dead here.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     if quiet:
         quiet_ray_data()
         logs = getattr(ray._private.worker._global_node, "get_logs_dir_path", lambda: None)()
         print(f"[ray] local Ray started; the full logs of its workers, Ray Data and Ray Train are in {logs} "
               f"(set {VERBOSE_ENV}=1 to see them on the console)", flush=True)
+
+
+def recorded_cluster(temp_dir: str | None = None) -> str | None:
+    """The address of the last `ray start` on this machine (Ray's `ray_current_cluster` file in its temp
+    folder: RAY_TMPDIR, else TMPDIR, else /tmp/ray), or None."""
+    from ray._private import services
+
+    try:
+        return services.find_bootstrap_address(temp_dir) or None
+    except OSError:  # an unreadable record is no cluster
+        return None
+
+
+def _answers(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at `host:port` (a stopped cluster's GCS port refuses)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- quiet console

@@ -3,7 +3,7 @@
 Owns: the tracking URI (config, else MLFLOW_TRACKING_URI, else a local sqlite
 file), the MLflow client, creating or resuming a run by its Ray run name (a
 resubmitted job keeps logging into the same run), logging
-params/metrics/tags/images from rank 0, and closing runs FINISHED, FAILED or
+params/metrics/tags/images from rank 0 (params with credentials redacted: `redact`), and closing runs FINISHED, FAILED or
 KILLED (`run`, a context manager). Registered models, versions and aliases are
 `dreamllm_platform.model_registry`, which builds on this module; the two are
 the only modules of the project that talk to a tracking server.
@@ -85,10 +85,45 @@ def start_or_resume_run(cfg: TrackingConfig, run_name: str, params: Mapping[str,
     if params:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             c.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id, False
+
+
+SECRET_WORDS = frozenset({"key", "secret", "password", "passwd", "token", "credential", "credentials"})
+"""Words that make a param a secret when they are one of its last name's `_`-separated parts
+(`storage.secret_access_key`, `auth.api_key`; not `filters.sample_keys` nor `limits.max_tokens`)."""
+REDACTED = "***"
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` fit for MLflow, whose params anyone with read access sees: secret-named values replaced
+    by `***`, and the password of any URL (`http://user:pw@host`, a tracking URI) too."""
+    out = {}
+    for k, v in params.items():
+        words = set(str(k).rsplit(".", 1)[-1].lower().replace("-", "_").split("_"))
+        if words & SECRET_WORDS and v not in (None, ""):
+            out[k] = REDACTED
+        elif isinstance(v, str) and "@" in v:
+            out[k] = _redact_url(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _redact_url(value: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(value)
+    except ValueError:
+        return value
+    if u.password is None:
+        return value
+    host = f"[{u.hostname}]" if ":" in (u.hostname or "") else (u.hostname or "")
+    netloc = f"{u.username}:{REDACTED}@{host}" + (f":{u.port}" if u.port is not None else "")
+    return urlunsplit(u._replace(netloc=netloc))
 
 
 def end_run(cfg: TrackingConfig, run_id: str, status: str) -> None:

@@ -33,8 +33,8 @@ SHARD_SUFFIXES = {
 class SourceConfig:
     """One input data set: where its shards are and how to read them."""
 
-    format: str = "mmc4"
-    """One of mmc4, webdataset, laion_parquet, llava, instruct_doc."""
+    format: str
+    """One of mmc4, webdataset, laion_parquet, llava, instruct_doc (no default: a source says what it holds)."""
     uri: str = ""
     """Shard file or directory (searched recursively for the format's suffixes); relative = under data_root."""
     images: str | None = None

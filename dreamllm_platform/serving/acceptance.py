@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .. import storage
 from ..data.synthetic import Scene
 from ..storage import StorageConfig
+from .config import AuthConfig
 
 
 @dataclass
@@ -30,14 +31,18 @@ class AcceptanceRequests:
 
 
 def check_api(api: str, model: str, req: AcceptanceRequests, files: str, st: StorageConfig | None = None,
-              api_key: str = "unused-on-an-open-api") -> dict:
+              auth: AuthConfig | None = None) -> dict:
     """Send both requests to the OpenAI-compatible `api` (…/v1) for `model`; returns the answers and file URIs.
 
+    The API key is the one the served config's `auth` names (what its ingress checks), if any.
     Raises whatever the client raises on an error response: an API that cannot answer fails the check.
     """
     import openai
 
-    client = openai.OpenAI(base_url=api, api_key=api_key, max_retries=2, timeout=300)
+    from .limits import load_api_key
+
+    key = (load_api_key(auth) if auth is not None else None) or "unused-on-an-open-api"
+    client = openai.OpenAI(base_url=api, api_key=key, max_retries=2, timeout=300)
     buf = io.BytesIO()
     Scene(*req.scene).render(64).save(buf, format="PNG")
     storage.write_bytes(storage.join(files, "chat_input.png"), buf.getvalue(), st)

@@ -16,6 +16,7 @@ replica.
 # No `from __future__ import annotations`: FastAPI must see real types on the routes (Serve re-wraps the
 # methods, and string annotations would no longer resolve, turning `request: Request` into a query param).
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -32,7 +33,8 @@ from dreamllm_platform import storage
 from dreamllm_platform.sampling import data_url, encode_image
 
 from .config import ServeConfig
-from .limits import APIError, check_api_key, check_max, load_api_key, load_image, parse_size, read_json
+from .limits import APIError, check_api_key, check_max, load_api_key, load_image, parse_size, read_json, \
+    secure_auth
 from .model import ChatJob, ChatResult, DreamLLMModel, Failure, ImageJob
 from .schemas import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionMessage,
                       ChatCompletionRequest, ChunkChoice, ChunkDelta, ImageData, ImageGenerationRequest,
@@ -361,6 +363,7 @@ def build_app(cfg: ServeConfig):
     the cluster's GPUs; binding opens no storage.
     """
     check_model_ref(cfg)
+    cfg = dataclasses.replace(cfg, auth=secure_auth(cfg.auth, cfg.http.host))
     m, g = cfg.model, cfg.ingress
     model = DreamLLMModel.options(
         ray_actor_options=_model_resources(cfg), max_ongoing_requests=m.max_ongoing_requests,

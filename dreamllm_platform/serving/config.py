@@ -160,6 +160,8 @@ class AuthConfig:
     """File holding the API key, e.g. a mounted Kubernetes secret ('' to ignore); wins over the variable."""
     require_api_key: bool = False
     """Refuse to start when no key is found (set in production so a missing secret cannot open the API)."""
+    allow_open: bool = False
+    """Serve without an API key on an address other than loopback (http.host 0.0.0.0): refused unless true."""
 
 
 @dataclass

@@ -9,7 +9,9 @@ request costs the model replica nothing. Messages name the offending field
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -61,6 +63,33 @@ def load_api_key(cfg: AuthConfig) -> str | None:
         raise ValueError(f"auth.require_api_key is set but no key was found in "
                          f"{cfg.api_key_file or '(no file)'} or ${cfg.api_key_env or '(no variable)'}")
     return key
+
+
+def secure_auth(auth: AuthConfig, host: str) -> AuthConfig:
+    """The auth the ingress replicas enforce for an API bound to `host`.
+
+    On loopback, `auth` as it is (no key: an open API on this machine only). Elsewhere a key must be found
+    here (ValueError naming both ways out otherwise) and every replica must find one too (`require_api_key`),
+    so that a secret missing on one node fails its deployment instead of opening the API, unless
+    `auth.allow_open` says an open API is meant.
+    """
+    if auth.allow_open or is_loopback(host):
+        return auth
+    if load_api_key(auth) is None:
+        raise ValueError(f"http.host {host} exposes the API beyond this machine but no API key was found "
+                         f"(${auth.api_key_env or '(no variable)'} or auth.api_key_file {auth.api_key_file or '(none)'}): "
+                         f"set one, or set auth.allow_open=true to serve an open API")
+    return dataclasses.replace(auth, require_api_key=True)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name or 0.0.0.0-style wildcard: other machines may reach it
+        return False
 
 
 def check_api_key(request: Request, key: str | None) -> None:

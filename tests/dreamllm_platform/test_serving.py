@@ -60,7 +60,7 @@ def test_infra_serve_config_is_a_valid_serve_deploy_file_that_builds():
     ("model.uri=ftp://host/ckpt", "unsupported scheme 'ftp'"),
     ("limits.max_n=16", "must not exceed batching.image_max_batch_size"),
     ("model.max_ongoing_requests=2", "must be >= the largest batch"),
-    ("model.use_gpu=maybe", "model.use_gpu must be true, false or null"),
+    ("model.use_gpu=maybe", "model.use_gpu: expected true or false or null, got .maybe."),
     ("limits.allowed_image_hosts=[https://x.com/]", "bare host names"),
     ("model.api_key=sk-123", "valid keys under model"),
 ])

@@ -293,6 +293,18 @@ def test_streaming_errors_before_the_first_token_keep_their_status(client):
 
 # ------------------------------------------------------------ refused requests
 
+def test_the_pipelines_acceptance_client_sends_the_configured_key(server, tmp_path, monkeypatch):
+    from dreamllm_platform.serving.acceptance import AcceptanceRequests, check_api
+    from dreamllm_platform.serving.config import AuthConfig
+
+    monkeypatch.setenv("ACCEPTANCE_TEST_KEY", KEY)  # the key as the served config names it
+    req = AcceptanceRequests(("green", "circle", "upper left", "large", "white"), "What color is the circle?",
+                             "A large red circle.", seed=0)
+    r = check_api(f"{server}/v1", "dreamllm", req, str(tmp_path), auth=AuthConfig(api_key_env="ACCEPTANCE_TEST_KEY"))
+    assert isinstance(r["chat_answer"], str)
+    assert Image.open(tmp_path / "created_image.png").format == "PNG"
+
+
 def test_wrong_or_missing_key_is_401(server):
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:

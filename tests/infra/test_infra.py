@@ -359,12 +359,39 @@ def test_kuberay_pod_templates_validate_against_kubernetes_schema(path):
             assert env.get("RAY_AUTH_MODE"), f"{path.name}/{group}: set RAY_AUTH_MODE explicitly"
 
 
-@pytest.mark.parametrize("path", [INFRA / "mlflow.yaml", INFRA / "namespace.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [INFRA / "mlflow.yaml", INFRA / "namespace.yaml", INFRA / "networkpolicy.yaml"],
+                         ids=lambda p: p.name)
 def test_kubernetes_objects_validate_against_kubernetes_schema(path):
     import kubernetes_validate
 
     for doc in _docs(path):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_network_policy_closes_the_dashboard_and_gcs_to_pods_outside_the_ray_clusters():
+    policy = _one(INFRA / "networkpolicy.yaml", "NetworkPolicy")
+    ray_pods = {"ray.io/is-ray-node": "yes"}  # the label KubeRay puts on every head and worker pod
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == _one(INFRA / "namespace.yaml", "Namespace")["metadata"]["name"]
+    assert spec["podSelector"] == {"matchLabels": ray_pods} and "Ingress" in spec["policyTypes"]
+    closed = {6379, 8265, 10001, 52365}  # GCS, dashboard/Jobs API, Ray client, dashboard agent
+    open_to_all, rayjob = set(), _one(RAYJOB, "RayJob")["metadata"]["name"]
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        sources = rule.get("from")
+        if not sources:  # from anywhere: only the API, and only named ports
+            assert ports and not ports & closed, f"rule {rule} opens Ray's ports to every pod"
+            open_to_all |= ports
+        elif not ports:  # every port: only from Ray pods of the namespace
+            assert sources == [{"podSelector": {"matchLabels": ray_pods}}], f"rule {rule} opens every port"
+        else:  # a named client (the operator, the RayJob submitter) on the ports it needs
+            assert all("podSelector" in s for s in sources), f"rule {rule} admits whole namespaces"
+            labels = [s["podSelector"]["matchLabels"] for s in sources]
+            assert all(lbl.get("app.kubernetes.io/name") == "kuberay-operator"
+                       or lbl.get("batch.kubernetes.io/job-name") == rayjob for lbl in labels), rule
+    assert open_to_all == {8000}, "the API (and nothing else) is open to the cluster"
+    head = next(t for g, t in _kuberay_pods(_one(RAYSERVICE, "RayService")) if g == "head")
+    assert {p["containerPort"] for p in head["spec"]["containers"][0]["ports"]} >= {6379, 8265, 8000}
 
 
 def test_kubernetes_validation_is_not_vacuous():
