@@ -7,16 +7,22 @@ driver loop that commits each shard as soon as all of its images are encoded.
 Ray Data plan (one row per pending shard):
   from_items(shards) -> map_batches(read_shard, CPU tasks)  rows: one per unique image + one 'end' row per shard
                      -> map_batches(VaeEncoder, ActorPoolStrategy)  mean/logvar added, VAE pixels dropped
-                     -> driver: group by shard; commit when the 'end' row and all images arrived
+                     -> driver: spill image rows by shard to local disk; commit when the 'end' row
+                        and all images arrived (memory: one batch and one shard, however many are open)
 The 'end' row carries the shard's records and drop report, so nothing is
 staged on storage and a shard is committed whole or not at all.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import pickle
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -280,19 +286,20 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
         meta = {"flavor": cfg.flavor, "decoder": cfg.decoder, "vae_resolution": model.diffusion.resolution,
                 "clip_size": model.vision.image_size}
         ds = build_pipeline(cfg, pending, plan)
-        images: dict[str, list[dict]] = {}
         ends: dict[str, dict] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                sid = row["shard_id"]
-                if row["kind"] == "image":
-                    images.setdefault(sid, []).append(row)
-                    summary.images_encoded += 1
-                else:
-                    ends[sid] = json.loads(row["payload"])
-                if sid in ends and len(images.get(sid, [])) == ends[sid]["num_images"]:
+        with _Spill() as images:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                images.add([r for r in rows if r["kind"] == "image"])
+                summary.images_encoded += sum(r["kind"] == "image" for r in rows)
+                for row in rows:
+                    if row["kind"] == "end":
+                        ends[row["shard_id"]] = json.loads(row["payload"])
+                for sid in {r["shard_id"] for r in rows}:
+                    if sid not in ends or images.count(sid) != ends[sid]["num_images"]:
+                        continue
                     t, end = by_id[sid], ends.pop(sid)
-                    lat = images.pop(sid, [])
+                    lat = images.pop(sid)
                     if "failed" in end:  # storage errors on every attempt: nothing is committed
                         summary.shards_failed[sid] = end["failed"]
                         continue
@@ -301,8 +308,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
                                  config_hash=t.config_hash, records=end["records"], latents=lat,
                                  report=end["report"], meta={**meta, "latent_shape": shape})
                     summary.shards_done += 1
-        if ends or images:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
-            raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(set(ends) | set(images))}")
+            left = set(ends) | images.open_shards()
+        if left:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
+            raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(left)}")
     summary.seconds = time.perf_counter() - t0
     manifest = store.manifest()
     planned = {t.shard_id for t in tasks}
@@ -326,6 +334,52 @@ class ShardsFailed(RuntimeError):
         super().__init__(f"{len(failed)} shard(s) failed on storage errors and were left uncommitted; rerun the "
                          f"job to redo them: " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
         self.summary = summary
+
+
+class _Spill:
+    """The encoded image rows of the shards in flight, kept on local disk (one append-only file per
+    shard) until their shard is committed: the driver's memory holds one batch and the shard being
+    committed, however many shards are open (Ray Data interleaves the rows of many shards)."""
+
+    def __enter__(self) -> "_Spill":
+        self.dir = Path(tempfile.mkdtemp(prefix="dreamllm-precompute-"))
+        self.counts: dict[str, int] = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _file(self, sid: str) -> Path:
+        return self.dir / hashlib.sha256(sid.encode()).hexdigest()
+
+    def add(self, rows: list[dict]) -> None:
+        by_shard: dict[str, list[dict]] = {}
+        for r in rows:
+            by_shard.setdefault(r["shard_id"], []).append(r)
+        for sid, part in by_shard.items():
+            with open(self._file(sid), "ab") as f:  # opened per batch: no descriptor per open shard
+                pickle.dump(part, f, protocol=pickle.HIGHEST_PROTOCOL)
+            self.counts[sid] = self.counts.get(sid, 0) + len(part)
+
+    def count(self, sid: str) -> int:
+        return self.counts.get(sid, 0)
+
+    def pop(self, sid: str) -> list[dict]:
+        """The shard's rows (this driver's own file), removed from the spill."""
+        rows: list[dict] = []
+        path = self._file(sid)
+        if self.counts.pop(sid, 0):
+            with open(path, "rb") as f:
+                while True:
+                    try:
+                        rows += pickle.load(f)
+                    except EOFError:
+                        break
+            path.unlink()
+        return rows
+
+    def open_shards(self) -> set[str]:
+        return set(self.counts)
 
 
 def _latent_shape(rows: list[dict], channels: int) -> list[int] | None:
