@@ -72,9 +72,11 @@ class ImageInputError(ValueError):
 
 
 def open_image(data: bytes, where: str, max_pixels: int | None = None):
-    """An RGB PIL image from encoded bytes (png, jpeg, webp, gif, bmp), refused above `max_pixels`
-    before it is decoded."""
+    """An upright RGB PIL image (EXIF orientation applied) from encoded bytes (png, jpeg, webp, gif,
+    bmp), refused above `max_pixels` before it is decoded."""
     from PIL import Image
+
+    from dreamllm.images import upright_rgb
 
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
@@ -85,17 +87,20 @@ def open_image(data: bytes, where: str, max_pixels: int | None = None):
         raise ImageInputError(f"'{where}' is {w}x{h} = {w * h} pixels; the limit is {max_pixels}.",
                               "image_too_large")
     try:
-        return img.convert("RGB")
+        img.load()  # decode here, so that bad pixel data is this error and not upright_rgb's
+        return upright_rgb(img)  # the same orientation as the training images (dreamllm.images)
     except Exception:
         raise ImageInputError(f"'{where}' could not be decoded.") from None
 
 
 def decode_image(data: Any, where: str, max_pixels: int | None = None):
-    """An RGB PIL image from a PIL image, a base64 string or a `data:image/...;base64,` URL."""
+    """An upright RGB PIL image from a PIL image, a base64 string or a `data:image/...;base64,` URL."""
     from PIL import Image
 
+    from dreamllm.images import upright_rgb
+
     if isinstance(data, Image.Image):
-        return data.convert("RGB")
+        return upright_rgb(data)
     if not isinstance(data, str):
         raise ImageInputError(f"'{where}': expected a base64 image string, got {type(data).__name__}")
     if data.startswith("data:"):

@@ -3,7 +3,7 @@
 Owns: telling remote from local URIs and turning local ones (paths and
 `file://`) into local paths (`local_path`), parsing a URI into (filesystem, path) for fsspec (s3fs / local), for
 pyarrow and Ray Data (`filesystem=` argument), small whole-object reads and
-writes (atomic on local disks), listing, uploading a local directory, and
+writes (atomic and durable on local disks, per writer), listing, uploading a local directory, and
 downloading a remote directory to a local cache (model loading resolves
 `s3://` checkpoints and decoders through it), and a directory's content:
 its digest, a copy that verifies it, and a cache key from its listing.
@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -158,21 +159,54 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
         raise FileNotFoundError(f"not found: {uri}") from None
 
 
+STALE_TEMP_S = 3600.0
+"""A local write's temp file older than this was left by a killed writer and may be removed."""
+
+
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
-    """Write a whole object. Local files go through a temp file + rename so that a
-    killed process never leaves a half-written file; an S3 PUT is atomic already."""
+    """Write a whole object. Local files: a temp file unique to this writer, fsync, rename, fsync of
+    the folder, so that neither a killed process nor a crash leaves a half-written file and several
+    writers of one target each replace it whole; an S3 PUT is atomic already."""
     fs, path = fsspec_fs(uri, cfg)
     if is_remote(uri):
         fs.pipe_file(path, data)
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
-    for stale in target.parent.glob(f".{target.name}.*"):  # temp files of writers killed mid-write
-        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    # Temp files of writers killed mid-write. Only old ones: a young one may be another writer's,
+    # still writing, whose rename would fail if it were removed.
+    now = time.time()
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMP_S:
+                stale.unlink(missing_ok=True)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove(uri: str, cfg: StorageConfig | None = None) -> None:

@@ -13,13 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from dreamllm_platform.config import parse_job_args  # noqa: E402
 from dreamllm_platform.data.config import PrecomputeConfig  # noqa: E402
-from dreamllm_platform.data.latents import run_precompute  # noqa: E402
+from dreamllm_platform.data.latents import ShardsFailed, run_precompute  # noqa: E402
 
 
 def main(argv=None) -> int:
     cfg = parse_job_args(PrecomputeConfig, argv, __doc__)
     try:
         summary = run_precompute(cfg)
+    except ShardsFailed as e:  # the other shards are committed; a rerun redoes only these
+        print("\n" + e.summary.format())
+        print(f"precompute failed: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"precompute failed: {e}", file=sys.stderr)
         return 1

@@ -61,6 +61,8 @@ class FilterConfig:
     """Images with long side / short side above this are dropped."""
     max_image_pixels: int = 50_000_000
     """Images declaring more pixels are dropped before decoding (decompression bombs)."""
+    max_inflated_bytes: int = 2**30
+    """A zipped shard whose member inflates past this many bytes is dropped unread (zip bombs)."""
     max_images_per_doc: int = 6
     """Images of a document beyond this many are dropped (a 2048-token 7b sequence holds about six)."""
     min_images_per_doc: int = 1
@@ -81,6 +83,7 @@ class FilterConfig:
         check(self.min_image_side >= 1, "filters.min_image_side must be >= 1")
         check(self.max_aspect_ratio >= 1.0, "filters.max_aspect_ratio must be >= 1")
         check(self.max_image_pixels > 0, "filters.max_image_pixels must be > 0")
+        check(self.max_inflated_bytes > 0, "filters.max_inflated_bytes must be > 0")
         check(self.max_images_per_doc >= 1, "filters.max_images_per_doc must be >= 1")
         check(0 <= self.min_images_per_doc <= self.max_images_per_doc,
                "filters.min_images_per_doc must be in [0, max_images_per_doc]")
@@ -98,6 +101,9 @@ class EncoderConfig:
     """CPUs reserved per actor: 0 = derived so that at least half the CPUs stay free for reading."""
     read_cpus: float = 1.0
     """CPUs per read/decode task."""
+    read_retries: int = 3
+    """Extra attempts at a shard after a storage error (backing off 1, 2, 4... s); a shard failing them all
+    is left uncommitted, the run fails naming it, and the next run redoes it."""
     autocast: str = "bf16"
     """GPU autocast dtype: bf16, fp16 or none (CPU always runs fp32)."""
 
@@ -105,6 +111,7 @@ class EncoderConfig:
         check(self.batch_size >= 1, "encoder.batch_size must be >= 1")
         check(self.pool_size >= 0 and self.cpus_per_actor >= 0, "encoder.pool_size and cpus_per_actor must be >= 0")
         check(0 < self.read_cpus <= 64, "encoder.read_cpus must be in (0, 64]")
+        check(self.read_retries >= 0, "encoder.read_retries must be >= 0")
         check(self.autocast in ("bf16", "fp16", "none"), "encoder.autocast must be bf16, fp16 or none")
 
 

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from dreamllm.images import upright_rgb
+
 from .config import FilterConfig
 
 REASONS = {
     # per image reference
     "low_similarity": "MMC4 image with matched_sim below filters.min_matched_sim",
     "missing_image": "image file not found in the images location (or download failed)",
+    "unsafe_image_name": "image name that is absolute or has '..' (never read: it points outside the images location)",
     "undecodable_image": "image bytes that do not decode, or a truncated image",
     "oversized_image": "image declaring more than filters.max_image_pixels (decompression bomb)",
     "too_small": "image with a side below filters.min_image_side",
@@ -29,11 +32,13 @@ REASONS = {
     "too_many_images": "document image beyond filters.max_images_per_doc",
     # per record
     "malformed_json": "a JSON line or file that does not parse",
+    "deeply_nested_json": "a JSON line (or a JSON list file) nested past the parser's recursion limit",
     "malformed_record": "a record missing required fields or with wrong types",
     "url_duplicate": "MMC4 document flagged could_have_url_duplicate",
     "no_images": "document left with fewer than filters.min_images_per_doc images",
     # per shard
-    "unreadable_shard": "a shard that cannot be opened or parsed (records lost: unknown)",
+    "unreadable_shard": "a shard whose bytes do not parse (records lost: unknown); storage errors are retried instead",
+    "oversized_member": "a zipped shard whose member inflates past filters.max_inflated_bytes (decompression bomb)",
     "truncated_shard": "a shard cut short; the records before the cut are kept",
 }
 
@@ -81,7 +86,7 @@ class Report:
 
 
 def decode_image(data: bytes, f: FilterConfig) -> tuple[Image.Image | None, str | None]:
-    """Raw image bytes -> (loaded RGB image, None) or (None, drop reason).
+    """Raw image bytes -> (loaded RGB image, upright by its EXIF orientation, None) or (None, drop reason).
 
     The pixel count is checked from the header before any pixel is decoded, so a
     decompression bomb costs nothing; `load()` forces a full decode, which is
@@ -103,4 +108,4 @@ def decode_image(data: bytes, f: FilterConfig) -> tuple[Image.Image | None, str 
         return None, "too_small"
     if max(w, h) / min(w, h) > f.max_aspect_ratio:
         return None, "bad_aspect_ratio"
-    return img.convert("RGB"), None
+    return upright_rgb(img), None

@@ -7,16 +7,22 @@ driver loop that commits each shard as soon as all of its images are encoded.
 Ray Data plan (one row per pending shard):
   from_items(shards) -> map_batches(read_shard, CPU tasks)  rows: one per unique image + one 'end' row per shard
                      -> map_batches(VaeEncoder, ActorPoolStrategy)  mean/logvar added, VAE pixels dropped
-                     -> driver: group by shard; commit when the 'end' row and all images arrived
+                     -> driver: spill image rows by shard to local disk; commit when the 'end' row
+                        and all images arrived (memory: one batch and one shard, however many are open)
 The 'end' row carries the shard's records and drop report, so nothing is
 staged on storage and a shard is committed whole or not at all.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import pickle
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +33,7 @@ from ..runtime import Resources, cluster_resources, init_ray
 from ..storage import StorageConfig
 from .config import SHARD_SUFFIXES, EncoderConfig, PrecomputeConfig, SourceConfig
 from .filters import Report
+from .readers import StorageReadError
 from .shards import ShardReader
 from .store import LatentStore
 from .synthetic import synthetic_exists, write_synthetic
@@ -104,20 +111,41 @@ def plan_pool(res: Resources, enc: EncoderConfig) -> PoolPlan:
 # --------------------------------------------------------------- Ray stages
 
 def read_shard(batch: dict, cfg: PrecomputeConfig):
-    """CPU task: one shard row -> blocks of image rows (VAE and CLIP crops), then the shard's 'end' row."""
+    """CPU task: one shard row -> blocks of image rows (VAE and CLIP crops), then the shard's 'end' row.
+
+    A storage error (`readers.StorageReadError`) restarts the shard with a fresh reader after a
+    back-off, up to `encoder.read_retries` times; images already sent are not sent again (by sha256).
+    When every attempt fails the 'end' row says `failed` and the driver commits nothing for the shard.
+    """
     model = get_flavor(cfg.flavor)  # crop sizes only: a trained decoder keeps the flavor's resolution
     sources = resolved_sources(cfg)
     for shard_id, source, uri in zip(batch["shard_id"], batch["source"], batch["uri"]):
-        reader = ShardReader(sources[source], uri, cfg.filters, model.diffusion.resolution,
-                             model.vision.image_size, cfg.storage)
-        rows, n = [], 0
-        for img in reader.images():
-            rows.append({"shard_id": shard_id, "kind": "image", "payload": b"", **img})
-            n += 1
-            if len(rows) == ROWS_PER_BATCH:
-                yield _columns(rows)
-                rows = []
-        end = {"records": reader.records, "report": reader.report.to_dict(), "num_images": n}
+        sent: set[str] = set()  # sha256 of the image rows yielded so far, over all attempts
+        end: dict = {}
+        for attempt in range(cfg.encoder.read_retries + 1):
+            if attempt:
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))
+            rows: list[dict] = []
+            try:
+                reader = ShardReader(sources[source], uri, cfg.filters, model.diffusion.resolution,
+                                     model.vision.image_size, cfg.storage)
+                for img in reader.images():
+                    if img["sha256"] in sent:
+                        continue
+                    rows.append({"shard_id": shard_id, "kind": "image", "payload": b"", **img})
+                    if len(rows) == ROWS_PER_BATCH:
+                        sent.update(r["sha256"] for r in rows)
+                        yield _columns(rows)
+                        rows = []
+            except StorageReadError as e:
+                print(f"shard {shard_id}: attempt {attempt + 1}/{cfg.encoder.read_retries + 1}: {e}")
+                end = {"failed": str(e)}
+                continue
+            end = {"records": reader.records, "report": reader.report.to_dict()}
+            break
+        if "failed" in end:
+            rows = []  # the failed attempt's unsent rows
+        end["num_images"] = len(sent) + len(rows)  # image rows the driver receives for this shard
         rows.append({"shard_id": shard_id, "kind": "end", "sha256": "", "vae_u8": b"", "clip_u8": b"",
                      "payload": json.dumps(end).encode()})
         yield _columns(rows)
@@ -189,6 +217,8 @@ class Summary:
     shards_skipped: int = 0
     shards_done: int = 0
     images_encoded: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    """shard id -> the storage error that failed every attempt: left uncommitted for the next run."""
     seconds: float = 0.0
     report: Report = field(default_factory=Report)
     latent_shape: list[int] = field(default_factory=list)
@@ -202,6 +232,8 @@ class Summary:
             f"latent store: {self.output}",
             f"shards: {self.shards_total} ({self.shards_done} processed now, {self.shards_skipped} already complete)",
             f"images encoded now: {self.images_encoded} in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
+            *([f"failed on storage errors, uncommitted (a rerun redoes them): {len(self.shards_failed)}"]
+              + [f"  {sid}: {err}" for sid, err in sorted(self.shards_failed.items())] if self.shards_failed else []),
             "all shards:", self.report.format(),
             f"report: {storage.join(self.output, 'report.json')}"])
 
@@ -229,7 +261,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
     """Run the job on `cfg`: write the synthetic set if asked and missing, encode pending shards, write the report.
 
     Each shard is committed to the store as soon as its last image is encoded, so a
-    killed run keeps every finished shard and the next run does only the rest.
+    killed run keeps every finished shard and the next run does only the rest. Raises
+    `ShardsFailed` (after committing the rest and writing the report) when storage errors
+    failed some shards on every attempt.
     """
     if cfg.synthetic.enabled and not synthetic_exists(cfg.data_root, cfg.storage):
         print(f"writing the synthetic data set to {cfg.data_root}")
@@ -252,26 +286,31 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
         meta = {"flavor": cfg.flavor, "decoder": cfg.decoder, "vae_resolution": model.diffusion.resolution,
                 "clip_size": model.vision.image_size}
         ds = build_pipeline(cfg, pending, plan)
-        images: dict[str, list[dict]] = {}
         ends: dict[str, dict] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                sid = row["shard_id"]
-                if row["kind"] == "image":
-                    images.setdefault(sid, []).append(row)
-                    summary.images_encoded += 1
-                else:
-                    ends[sid] = json.loads(row["payload"])
-                if sid in ends and len(images.get(sid, [])) == ends[sid]["num_images"]:
+        with _Spill() as images:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                images.add([r for r in rows if r["kind"] == "image"])
+                summary.images_encoded += sum(r["kind"] == "image" for r in rows)
+                for row in rows:
+                    if row["kind"] == "end":
+                        ends[row["shard_id"]] = json.loads(row["payload"])
+                for sid in {r["shard_id"] for r in rows}:
+                    if sid not in ends or images.count(sid) != ends[sid]["num_images"]:
+                        continue
                     t, end = by_id[sid], ends.pop(sid)
-                    lat = images.pop(sid, [])
+                    lat = images.pop(sid)
+                    if "failed" in end:  # storage errors on every attempt: nothing is committed
+                        summary.shards_failed[sid] = end["failed"]
+                        continue
                     shape = _latent_shape(lat, model.diffusion.latent_channels)
                     store.commit(sid, source_uri=t.uri, fmt=cfg.sources[t.source].format,
                                  config_hash=t.config_hash, records=end["records"], latents=lat,
                                  report=end["report"], meta={**meta, "latent_shape": shape})
                     summary.shards_done += 1
-        if ends or images:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
-            raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(set(ends) | set(images))}")
+            left = set(ends) | images.open_shards()
+        if left:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
+            raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(left)}")
     summary.seconds = time.perf_counter() - t0
     manifest = store.manifest()
     planned = {t.shard_id for t in tasks}
@@ -281,7 +320,66 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
             summary.latent_shape = summary.latent_shape or entry.get("latent_shape") or []
     if summary.shards_done or not storage.exists(store.report_uri, cfg.storage):
         store.write_report({**summary.report.to_dict(), "shards": sorted(planned), "output": cfg.output})
+    if summary.shards_failed:
+        raise ShardsFailed(summary)
     return summary
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed on storage errors after every retry; every other shard is committed.
+    `summary` is the run's; a rerun redoes only the failed (uncommitted) shards."""
+
+    def __init__(self, summary: Summary):
+        failed = summary.shards_failed
+        super().__init__(f"{len(failed)} shard(s) failed on storage errors and were left uncommitted; rerun the "
+                         f"job to redo them: " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
+        self.summary = summary
+
+
+class _Spill:
+    """The encoded image rows of the shards in flight, kept on local disk (one append-only file per
+    shard) until their shard is committed: the driver's memory holds one batch and the shard being
+    committed, however many shards are open (Ray Data interleaves the rows of many shards)."""
+
+    def __enter__(self) -> "_Spill":
+        self.dir = Path(tempfile.mkdtemp(prefix="dreamllm-precompute-"))
+        self.counts: dict[str, int] = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _file(self, sid: str) -> Path:
+        return self.dir / hashlib.sha256(sid.encode()).hexdigest()
+
+    def add(self, rows: list[dict]) -> None:
+        by_shard: dict[str, list[dict]] = {}
+        for r in rows:
+            by_shard.setdefault(r["shard_id"], []).append(r)
+        for sid, part in by_shard.items():
+            with open(self._file(sid), "ab") as f:  # opened per batch: no descriptor per open shard
+                pickle.dump(part, f, protocol=pickle.HIGHEST_PROTOCOL)
+            self.counts[sid] = self.counts.get(sid, 0) + len(part)
+
+    def count(self, sid: str) -> int:
+        return self.counts.get(sid, 0)
+
+    def pop(self, sid: str) -> list[dict]:
+        """The shard's rows (this driver's own file), removed from the spill."""
+        rows: list[dict] = []
+        path = self._file(sid)
+        if self.counts.pop(sid, 0):
+            with open(path, "rb") as f:
+                while True:
+                    try:
+                        rows += pickle.load(f)
+                    except EOFError:
+                        break
+            path.unlink()
+        return rows
+
+    def open_shards(self) -> set[str]:
+        return set(self.counts)
 
 
 def _latent_shape(rows: list[dict], channels: int) -> list[int] | None:

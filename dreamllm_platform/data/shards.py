@@ -38,7 +38,9 @@ def _items_json(items) -> list[dict]:
 
 class ShardReader:
     """Reads one shard. Iterate `images()` to get the images to encode; afterwards `records` holds
-    (record_id, type, json) in shard order and `report` the counts."""
+    (record_id, type, json) in shard order and `report` the counts. A storage failure (of the shard,
+    the images location or an image) raises `readers.StorageReadError` out of `images()` or the
+    constructor: the reader is then spent, and the caller retries with a new one."""
 
     def __init__(self, source: SourceConfig, uri: str, filters: FilterConfig, vae_size: int, clip_size: int,
                  st: StorageConfig | None = None):
@@ -85,6 +87,9 @@ class ShardReader:
         Results are cached per name, so an image shared by many records is fetched once,
         unless it was first seen only in a dropped record (its crops were not kept).
         """
+        if not readers.safe_image_name(name):  # `..` or an absolute path: never read, whatever it names
+            self.report.drop("unsafe_image_name", key)
+            return None
         sha, reason = self._by_name.get(name, (None, None))
         if reason is None and not (sha and (sha in self._emitted or sha in self._crops)):
             data = self.location.get(name, raw_url) if self.location else None
@@ -197,7 +202,8 @@ class ShardReader:
         fmt = self.source.format
         if fmt in ("mmc4", "instruct_doc"):
             kind = "instruct_docs" if fmt == "instruct_doc" else "documents"
-            it = (readers.iter_json_list if fmt == "instruct_doc" else readers.iter_mmc4)(self.uri, self.report, self.st)
+            it = (readers.iter_json_list(self.uri, self.report, self.st) if fmt == "instruct_doc"
+                  else readers.iter_mmc4(self.uri, self.report, self.st, self.f.max_inflated_bytes))
             handle = lambda key, rec: self._document(key, rec, fmt == "instruct_doc")  # noqa: E731
         elif fmt in ("webdataset", "laion_parquet"):
             kind = "pairs"
@@ -210,7 +216,9 @@ class ShardReader:
             self.report.count(f"{kind}_in")
             try:
                 kept = handle(key, rec)
-            except Exception:  # e.g. a matched_text_index that is not a number
+            except readers.StorageReadError:  # the storage failed, not the record: the shard is retried
+                raise
+            except Exception:  # e.g. a matched_text_index that is not a number, nesting past the stack
                 self.report.drop("malformed_record", key)
                 kept = None
             if kept is None:

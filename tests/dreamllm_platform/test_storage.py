@@ -54,7 +54,13 @@ def test_local_paths_and_file_uris_become_absolute_local_paths(tmp_path, monkeyp
 
 
 def test_local_writes_are_atomic_and_clean_up_after_killed_writers(tmp_path):
-    (tmp_path / ".x.json.abc123").write_bytes(b"half a file")  # what a writer killed mid-write leaves
+    import os
+    import time
+
+    stale = tmp_path / ".x.json.abc123.tmp"  # what a writer killed mid-write leaves
+    stale.write_bytes(b"half a file")
+    old = time.time() - storage.STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
     storage.write_bytes(str(tmp_path / "x.json"), b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
 
