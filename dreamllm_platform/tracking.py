@@ -3,7 +3,8 @@
 Owns: the tracking URI (config, else MLFLOW_TRACKING_URI, else a local sqlite
 file), the MLflow client, creating or resuming a run by its Ray run name (a
 resubmitted job keeps logging into the same run), logging
-params/metrics/tags/images from rank 0 (params with credentials redacted: `redact`), and closing runs FINISHED, FAILED or
+params/metrics/tags/images from rank 0 (params with credentials redacted: `redact`; a training
+worker's logger outlives a tracking-server outage: `RunLogger(resilient=True)`), and closing runs FINISHED, FAILED or
 KILLED (`run`, a context manager). Registered models, versions and aliases are
 `dreamllm_platform.model_registry`, which builds on this module; the two are
 the only modules of the project that talk to a tracking server.
@@ -13,13 +14,19 @@ importing the platform touches no tracking server.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
+import json
 import os
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .mlflow_tags import RUN_NAME_TAG
+from .mlflow_tags import RUN_NAME_TAG, TRACKING_OUTAGE_TAG
 
 DEFAULT_DB = "outputs/mlflow.db"
 
@@ -67,6 +74,26 @@ def experiment_id(cfg: TrackingConfig) -> str:
     return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
 
 
+def find_run(cfg: TrackingConfig, run_name: str):
+    """The newest run of the experiment tagged with `run_name`, or None."""
+    found = client(cfg).search_runs([experiment_id(cfg)], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def param_values(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (credentials redacted, strings of at most 6000 characters): what is
+    logged and what a resubmission's params are compared with, so a secret is never logged nor put in
+    the config-changes tag."""
+    return {k: str(v)[:6000] for k, v in redact(params).items()}
+
+
+def run_params(cfg: TrackingConfig, run_name: str) -> dict[str, str] | None:
+    """The params logged on the run of `run_name`, or None when there is no such run."""
+    run = find_run(cfg, run_name)
+    return None if run is None else dict(run.data.params)
+
+
 def start_or_resume_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any] | None = None,
                         tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """(run_id, resumed): the newest run of the experiment tagged with `run_name`, else a new one.
@@ -74,18 +101,16 @@ def start_or_resume_run(cfg: TrackingConfig, run_name: str, params: Mapping[str,
     Params are logged only on a new run (MLflow params are immutable).
     """
     c = client(cfg)
-    exp_id = experiment_id(cfg)
-    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                          order_by=["attributes.start_time DESC"], max_results=1)
+    found = find_run(cfg, run_name)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = c.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
+    run = c.create_run(experiment_id(cfg), run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     if params:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
+        items = [Param(k, v) for k, v in param_values(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             c.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id, False
@@ -149,25 +174,137 @@ def run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any] | None = N
     end_run(cfg, run_id, "FINISHED")
 
 
-class RunLogger:
-    """Logs into an existing run by id (rank 0 of a training job, or an evaluation)."""
+MAX_BUFFERED_METRICS = 20_000
+"""Metric values a training worker's logger keeps while the tracking server is unreachable; older ones are
+dropped beyond (about 1000 progress lines of a stage)."""
 
-    def __init__(self, cfg: TrackingConfig, run_id: str):
+
+@contextmanager
+def _quick_http() -> Iterator[None]:
+    """MLflow's HTTP client without its retries (about 2 minutes of back-off) and with a 10 s time-out, for
+    the calls of a resilient logger: a training step should not wait on an absent server; the logger keeps
+    what failed and sends it with the next call instead."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class RunLogger:
+    """Logs into an existing run by id (rank 0 of a training job, or an evaluation).
+
+    With `resilient=True` (training workers) metrics and tags never raise: the worker group must not die
+    because the tracking server is away. What fails is kept (at most `max_buffered` metric values, the
+    oldest dropped beyond) and sent, with its own steps and times, by the next call that gets through; the
+    first failure of an outage prints one warning. When the server answers again the logger logs
+    `tracking.failed_calls` and `tracking.dropped_metrics` (totals so far) at that step and lists the
+    outages in the `dreamllm.tracking_outage` tag, so the gap shows in the run. Sample images that fail are
+    skipped (counted in the outage). `close()` sends what is left, with MLflow's own retries, and raises if
+    it cannot: the end of a stage needs its tags.
+    """
+
+    def __init__(self, cfg: TrackingConfig, run_id: str, resilient: bool = False,
+                 max_buffered: int = MAX_BUFFERED_METRICS):
         self.client, self.run_id = client(cfg), run_id
+        self.resilient, self.max_buffered = resilient, max_buffered
+        self.pending: collections.deque = collections.deque()  # Metric
+        self.pending_tags: dict[str, str] = {}
+        self.failed_calls = self.dropped_metrics = 0
+        self.outage: dict | None = None  # the current one: {"from_step", "failed_calls", "dropped_metrics", ...}
+        self.outages: list[dict] = []
+        self.last_step = 0
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        self.last_step = step
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in values.items())
+        self._send()
 
     def tags(self, values: Mapping[str, str]) -> None:
-        for k, v in values.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self.pending_tags.update({k: str(v) for k, v in values.items()})
+        self._send()
+
+    def _send(self, quick: bool = True) -> None:
+        from mlflow.entities import RunTag
+
+        try:
+            with _quick_http() if quick and self.resilient else contextlib.nullcontext():
+                while self.pending:
+                    batch = list(itertools.islice(self.pending, 1000))  # MLflow's batch limit
+                    self.client.log_batch(self.run_id, metrics=batch)
+                    for _ in batch:
+                        self.pending.popleft()
+                if self.pending_tags:
+                    self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.pending_tags.items()])
+                    self.pending_tags.clear()
+        except Exception as e:  # noqa: BLE001 - whatever the client raises (HTTP, connection, database)
+            if not self.resilient:
+                raise
+            self._failed(e)
+            return
+        if self.outage:
+            self._recovered()
+
+    def _failed(self, e: Exception) -> None:
+        self.failed_calls += 1
+        if self.outage is None:
+            self.outage = {"from_step": self.last_step, "failed_calls": 0, "dropped_metrics": 0,
+                           "skipped_images": 0}
+            print(f"[tracking] MLflow unreachable at step {self.last_step} ({type(e).__name__}: {str(e)[:200]}); "
+                  f"training goes on, metrics are kept (up to {self.max_buffered}) and sent when it is back",
+                  file=sys.stderr, flush=True)
+        self.outage["failed_calls"] += 1
+        over = len(self.pending) - self.max_buffered
+        for _ in range(max(0, over)):
+            self.pending.popleft()
+        if over > 0:
+            self.dropped_metrics += over
+            self.outage["dropped_metrics"] += over
+
+    def _recovered(self) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self.outages.append({**self.outage, "to_step": self.last_step})
+        self.outage = None
+        now = int(time.time() * 1000)
+        gap = [Metric("tracking.failed_calls", float(self.failed_calls), now, self.last_step),
+               Metric("tracking.dropped_metrics", float(self.dropped_metrics), now, self.last_step)]
+        try:
+            self.client.log_batch(self.run_id, metrics=gap,
+                                  tags=[RunTag(TRACKING_OUTAGE_TAG, json.dumps(self.outages))])
+        except Exception as e:  # noqa: BLE001 - gone again: the next success records it
+            self.outage = self.outages.pop()
+            self._failed(e)
+            return
+        print(f"[tracking] MLflow is back at step {self.last_step}: {self.failed_calls} calls failed, "
+              f"{self.dropped_metrics} metric values dropped so far", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Send what is still kept, with MLflow's retries; raises when the server is still unreachable."""
+        resilient, self.resilient = self.resilient, False
+        try:
+            self._send(quick=False)
+        finally:
+            self.resilient = resilient
 
     def image(self, image, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        try:
+            with _quick_http() if self.resilient else contextlib.nullcontext():
+                self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        except Exception as e:  # noqa: BLE001
+            if not self.resilient:
+                raise
+            self._failed(e)
+            self.outage["skipped_images"] += 1
 
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)

@@ -65,6 +65,9 @@ class DataSpec:
     """YAML of the precompute job used when `prepare` runs it (default: its embedded defaults)."""
     data_cpus: float = 0.5
     """CPUs per Ray Data assembly task; the trainer leaves at least this much free."""
+    record_ids: bool = False
+    """Write the ids of every step's examples (each rank's, with its loss) to <run dir>/example_ids/: what the
+    run saw, e.g. to check that a resume neither skipped nor repeated examples."""
 
     def __post_init__(self) -> None:
         check(all(w >= 0 for w in self.mix.values()), "data.mix weights must be >= 0")
@@ -208,6 +211,14 @@ class TrainConfig:
         if self.run_name is None:
             self.run_name = f"dreamllm-{self.stage}-{self.model.flavor}"
         check(self.log_every >= 1, "log_every must be >= 1")
+
+
+RESUME_MAY_CHANGE = ("optim.max_steps", "log_every", "sample_every", "sample_prompts", "checkpoint.", "tracking.",
+                     "storage.", "data.prepare", "data.precompute_config", "data.data_cpus", "data.record_ids",
+                     "scaling.cpus_per_worker")
+"""The keys (and "section." prefixes) a resubmitted run may change: how long it trains, what it logs and
+where it writes. Any other change (seed, model, data, mix, batch, workers, DeepSpeed, optimiser) would
+make the resumed run compute something else than the run it continues, and is refused (`train.run.fit`)."""
 
 
 # Each stage's embedded defaults (the paper, Sec. 3.2); YAML and --set go on top.

@@ -3,7 +3,9 @@
 Owns: building the model and its DeepSpeed engine (a plain torch AdamW passed
 in, so nothing is compiled on CPU), drawing micro-batches from the mixed data
 sources, the optimizer steps, metrics (aggregated over ranks, logged by rank
-0), DeepSpeed checkpoints through `ray.train.report` and resuming from them,
+0), DeepSpeed checkpoints through `ray.train.report` and resuming from them
+(the weights and optimizer, each rank's random state and the data position),
+the example-id record of `data.record_ids`,
 sample images, and the stage's export. The model maths is `dreamllm`'s.
 """
 from __future__ import annotations
@@ -12,9 +14,11 @@ import json
 import os
 import random
 import time
+import zlib
 from pathlib import Path
 
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dreamllm.generation import ImageSampling, text_to_image
 from dreamllm.model import DreamLLM
@@ -29,6 +33,7 @@ from .worker import MetricWindow, WorkerContext, lr_factor, report_checkpoint
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
+IDS_DIR = "example_ids"
 NO_DECAY = ("bias", "norm", "dream_queries", "new_token_embed", "new_token_head")
 
 
@@ -94,6 +99,13 @@ class MixedBatches:
     takes the place of grouping by length. The draw must be the same on every rank: Ray
     Data's streaming split feeds all ranks of a dataset in lockstep, so a rank
     reading another source than its peers would stall them.
+
+    Its position (`state`: the draw generator, each source's epoch and, in the
+    current epoch, its shuffle seed and batches taken) goes into every
+    checkpoint; `restore` replays it: a resumed run reads the examples an
+    uninterrupted one would. That holds because each epoch of a shard yields
+    the same rows in the same order (`train.run.fit` makes Ray Data keep the
+    order, and the local shuffle is seeded).
     """
 
     def __init__(self, shards: dict, weights: dict[str, float], collate, batch_size: int, shuffle: int, seed: int):
@@ -102,24 +114,61 @@ class MixedBatches:
         self.weights = [weights[n] for n in self.names]
         self.rng = random.Random(seed)
         self.iters: dict = {}
+        self.open: dict[str, dict] = {}  # source -> {"seed": its epoch's shuffle seed, "taken": batches drawn}
         self.epoch = {n: 0 for n in self.names}
 
-    def _new_iter(self, name: str):
-        self.epoch[name] += 1
+    def _iter(self, name: str, shuffle_seed: int):
         return iter(self.shards[name].iter_torch_batches(
             batch_size=self.batch_size, collate_fn=self.collate, drop_last=False,
-            local_shuffle_buffer_size=self.shuffle or None, local_shuffle_seed=self.rng.randrange(2**31)))
+            local_shuffle_buffer_size=self.shuffle or None, local_shuffle_seed=shuffle_seed))
 
     def __next__(self) -> dict:
         name = self.rng.choices(self.names, self.weights)[0]
         for attempt in range(2):
             if name not in self.iters:
-                self.iters[name] = self._new_iter(name)
+                self.epoch[name] += 1
+                seed = self.rng.randrange(2**31)
+                self.iters[name], self.open[name] = self._iter(name, seed), {"seed": seed, "taken": 0}
             try:
-                return next(self.iters[name])
+                batch = next(self.iters[name])
             except StopIteration:
-                del self.iters[name]
+                del self.iters[name], self.open[name]
+                continue
+            self.open[name]["taken"] += 1
+            return batch
         raise ValueError(f"data source {name!r} gave this worker no examples (too few shards for the workers?)")
+
+    def state(self) -> dict:
+        """The position, as JSON: where `restore` picks up."""
+        return {"rng": self.rng.getstate(), "epoch": dict(self.epoch), "open": {n: dict(p) for n, p in self.open.items()}}
+
+    def restore(self, state: dict) -> int:
+        """Go to the position `state` (of `state()`): the open epochs are read again up to where they were
+        (every rank alike, as the streaming split needs); returns the batches skipped."""
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.epoch.update(state["epoch"])
+        skipped = 0
+        for name, pos in state["open"].items():
+            it = self._iter(name, pos["seed"])
+            for _ in range(pos["taken"]):
+                next(it)  # the same epoch had these batches before: no StopIteration
+            self.iters[name], self.open[name] = it, dict(pos)
+            skipped += pos["taken"]
+        return skipped
+
+
+class WithExampleIds(NumpyBatchCollateFn):
+    """The stage's collator, plus `example_ids` ("shard_id/record_id" of each example, in batch order): what the
+    step saw, for `data.record_ids`. A list is not a tensor: Ray leaves it alone and the loop pops it."""
+
+    def __init__(self, collate: ExampleCollator):
+        self.collate = collate
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.collate(batch)
+        out["example_ids"] = [f"{s}/{r}" for s, r in zip(batch["shard_id"], batch["record_id"])]
+        return out
 
 
 def train_loop(config: dict) -> None:
@@ -140,15 +189,19 @@ def train_loop(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, on_gpu), dist_init_required=False)
 
-    step, seen = 0, {"samples": 0.0, "tokens": 0.0, "images": 0.0}
+    step, seen, state, rng_restored = 0, {"samples": 0.0, "tokens": 0.0, "images": 0.0}, {}, False
     resumed_from = ray.train.get_checkpoint()
     if resumed_from:
         with resumed_from.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG)
             state = json.loads((Path(d) / STATE_FILE).read_text())
-        step, seen = state["step"], state["seen"]
-    ctx.seed_rank(cfg.seed, step)  # each rank its own noise, timesteps and condition dropout
-    log = RunLogger(cfg.tracking, config["run_id"]) if rank == 0 else None
+            step, seen = state["step"], state["seen"]
+            # each rank its own noise, timesteps and condition dropout, where the checkpointed run left them
+            rng_restored = ctx.restore_rng(Path(d), cfg.seed, step)
+    else:
+        ctx.seed_rank(cfg.seed, step)  # each rank its own noise, timesteps and condition dropout
+    # A tracking outage must not stop training: the logger keeps what fails and says so in the run.
+    log = RunLogger(cfg.tracking, config["run_id"], resilient=True) if rank == 0 else None
     if rank == 0 and resumed_from:
         log.metrics({"resumed_from_step": step}, step)  # shows restarts in the run's history
     if rank == 0:
@@ -157,15 +210,24 @@ def train_loop(config: dict) -> None:
               flush=True)
 
     batches = MixedBatches({n: ray.train.get_dataset_shard(n) for n in cfg.data.mix}, cfg.data.mix,
-                           _collator(cfg, model), cfg.data.micro_batch_size, cfg.data.shuffle_buffer,
-                           seed=cfg.seed * 1000 + step)  # same on every rank (see MixedBatches)
+                           WithExampleIds(_collator(cfg, model)), cfg.data.micro_batch_size, cfg.data.shuffle_buffer,
+                           seed=cfg.seed * 1000)  # same on every rank (see MixedBatches)
+    if "batches" in state:
+        skipped = batches.restore(state["batches"])
+        if rank == 0:
+            print(f"[train] resumed at step {step}: data position restored ({skipped} batches of the open epochs "
+                  f"skipped), random state {'restored' if rng_restored else 'reseeded (the checkpoint has none for this rank)'}",
+                  flush=True)
     ga = cfg.deepspeed.gradient_accumulation_steps
     window = MetricWindow()
     while step < cfg.optim.max_steps:
         sums = {"loss": 0.0, "loss_lm": 0.0, "loss_diffusion": 0.0}
         counts = {"samples": 0.0, "tokens": 0.0, "images": 0.0}
+        ids, rng_crc = [], zlib.crc32(torch.get_rng_state().numpy().tobytes())
         for _ in range(ga):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = next(batches)
+            ids += batch.pop("example_ids")
+            batch = {k: v.to(device) for k, v in batch.items()}
             out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
@@ -178,6 +240,8 @@ def train_loop(config: dict) -> None:
             counts["images"] += out.num_images_created
         step += 1
         _maybe_fail(config.get("fail_at_step"), step, rank, world, cfg)
+        if cfg.data.record_ids:
+            _record_ids(ctx, cfg, step, {"ids": ids, "loss": sums["loss"], "rng": rng_crc})
 
         window.add({"tokens": counts["tokens"], "images": counts["images"]}, **sums)
         counts = ctx.all_reduce(counts)
@@ -205,14 +269,14 @@ def train_loop(config: dict) -> None:
         if cfg.sample_every and step % cfg.sample_every == 0 and not last:
             _log_samples(engine, cfg, log, step, rank)
         if step % cfg.checkpoint.every_n_steps == 0 or last:
-            _save_and_report(engine, step, seen, sums, rank)
+            _save_and_report(engine, ctx, {"step": step, "seen": seen, "batches": batches.state()}, sums)
 
     _log_samples(engine, cfg, log, step, rank)
     export_uri = cfg.checkpoint.export_uri or storage.join(_run_dir(cfg), "export")
     _export(engine, cfg, export_uri, config["run_id"], step, rank)
     if rank == 0:
         log.tags({CHECKPOINT_URI_TAG: export_uri, STAGE_TAG: cfg.stage})
-        print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
+        log.close()  # what an outage kept, and the export's tag, which the registry reads        print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
 
 
 def _collator(cfg: TrainConfig, model: DreamLLM) -> ExampleCollator:
@@ -223,15 +287,26 @@ def _run_dir(cfg: TrainConfig) -> str:
     return storage.join(cfg.checkpoint.storage_path, cfg.run_name)
 
 
-def _save_and_report(engine, step, seen, metrics, rank) -> None:
-    """Every rank writes its DeepSpeed shard; Ray merges them into one checkpoint in storage."""
+def _save_and_report(engine, ctx: WorkerContext, state: dict, metrics) -> None:
+    """Every rank writes its DeepSpeed shard and its random state, rank 0 the step, the counts and the data
+    position (the same on every rank); Ray merges them into one checkpoint in storage."""
     def write(d: Path) -> bool:
         engine.save_checkpoint(str(d), tag=DS_TAG)
-        if rank == 0:
-            (d / STATE_FILE).write_text(json.dumps({"step": step, "seen": seen}))
+        ctx.save_rng(d)
+        if ctx.is_main:
+            (d / STATE_FILE).write_text(json.dumps(state))
         return True
 
-    report_checkpoint(step, metrics, write)
+    report_checkpoint(state["step"], metrics, write)
+
+
+def _record_ids(ctx: WorkerContext, cfg: TrainConfig, step: int, mine: dict) -> None:
+    """`data.record_ids`: rank 0 writes every rank's example ids, loss and random-state checksum of `step` to
+    <run dir>/example_ids/step_NNNNNNN.json (a step run again after a restart overwrites its file)."""
+    ranks = ctx.gather(mine)
+    if ctx.is_main:
+        storage.write_bytes(storage.join(_run_dir(cfg), IDS_DIR, f"step_{step:07d}.json"),
+                            json.dumps({"step": step, "ranks": ranks}).encode(), cfg.storage)
 
 
 def _export(engine, cfg: TrainConfig, uri: str, run_id: str, step: int, rank: int) -> None:

@@ -24,7 +24,7 @@ from ..data.store import LatentStore
 from ..mlflow_tags import FLAVOR_TAG, STAGE_TAG
 from ..runtime import cluster_resources, init_ray
 from ..tracking import tracking_uri
-from .config import ScalingSpec, TrainConfig
+from .config import RESUME_MAY_CHANGE, ScalingSpec, TrainConfig
 from .loop import train_loop
 from .run import absolute, fit
 
@@ -113,7 +113,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     fitted = fit(train_loop, {"cfg": cfg, "fail_at_step": fail_at}, run_name=cfg.run_name,
                  storage_path=c.storage_path, max_failures=c.max_failures, num_to_keep=c.num_to_keep,
                  scaling=scaling_config(cfg.scaling, cfg.data.data_cpus, len(cfg.data.mix)), datasets=datasets,
-                 tracking_cfg=cfg.tracking, params=to_flat_dict(cfg),
+                 tracking_cfg=cfg.tracking, params=to_flat_dict(cfg), may_change=RESUME_MAY_CHANGE,
                  tags={STAGE_TAG: cfg.stage, FLAVOR_TAG: model_cfg.flavor})
     result = fitted.result
     export = c.export_uri or storage.join(c.storage_path, cfg.run_name, "export")

@@ -3,19 +3,22 @@ towers' phase loop (`towers.loop`).
 
 Owns: a worker's place in the group (rank, world size, device), its random
 state (identical initial weights on every rank, then noise, timesteps and
-dropout of each rank's own), the learning-rate schedule, sums and means over
+dropout of each rank's own; saved in a checkpoint and restored on resume so a
+resumed run draws what an uninterrupted one would), the learning-rate schedule, sums and means over
 ranks, the metric window behind each progress line, and reporting a
 checkpoint directory to Ray Train.
 """
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 
@@ -49,6 +52,14 @@ class WorkerContext:
             t /= self.world
         return dict(zip(values, t.tolist()))
 
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def seed_rank(self, seed: int, step: int) -> int:
         """Seed torch's global generator for this rank's randomness from `step` on, and return that seed.
 
@@ -59,6 +70,35 @@ class WorkerContext:
         rank_seed = seed * 1_000_003 + step * 101 + self.rank + 1
         torch.manual_seed(rank_seed)
         return rank_seed
+
+    def rng_file(self) -> str:
+        """This rank's random-state file in a checkpoint directory."""
+        return f"rng_rank{self.rank}.pt"
+
+    def save_rng(self, d: Path) -> None:
+        """Write this rank's torch (CPU and device), numpy and python random states into checkpoint dir `d`."""
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(state, d / self.rng_file())
+
+    def restore_rng(self, d: Path, seed: int, step: int) -> bool:
+        """Restore this rank's random state from checkpoint dir `d`; True when it had one.
+
+        Without one (a checkpoint of another world size, or an older one) the rank is seeded afresh for `step`
+        (`seed_rank`): the run goes on, but its draws from here differ from an uninterrupted run's.
+        """
+        f = d / self.rng_file()
+        if not f.is_file():
+            self.seed_rank(seed, step)
+            return False
+        state = torch.load(f, weights_only=False)
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        return True
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
