@@ -276,7 +276,8 @@ def train_loop(config: dict) -> None:
     _export(engine, cfg, export_uri, config["run_id"], step, rank)
     if rank == 0:
         log.tags({CHECKPOINT_URI_TAG: export_uri, STAGE_TAG: cfg.stage})
-        log.close()  # what an outage kept, and the export's tag, which the registry reads        print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
+        log.close()  # what an outage kept, and the export's tag, which the registry reads
+        print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
 
 
 def _collator(cfg: TrainConfig, model: DreamLLM) -> ExampleCollator:

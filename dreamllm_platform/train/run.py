@@ -58,7 +58,8 @@ def fit(loop: Callable[[dict], None], loop_config: dict, *, run_name: str, stora
     `may_change`: the param keys (or prefixes ending in ".") a resumed run may change (a harmless one such as
     `log_every`, or `optim.max_steps` to train on); a change of any other key, one that alters what is
     computed, is refused with a ValueError naming the keys, before the run is touched (a key the run never
-    logged, from a newer config, is not). Without it, every change is allowed. Allowed changes are recorded in the run's `dreamllm.config_changes` tag.
+    logged, from a newer config, is not). Without it, every change is allowed. Allowed changes are recorded
+    in the run's `dreamllm.config_changes` tag.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -66,8 +67,8 @@ def fit(loop: Callable[[dict], None], loop_config: dict, *, run_name: str, stora
     changes = config_changes(tracking_cfg, run_name, params or {})
     if may_change is not None:
         allowed = tuple(may_change)
-        refused = sorted(k for k, (was, _) in changes.items() if was != UNSET and not any(k == a or (a.endswith(".") and k.startswith(a))
-                                                       for a in allowed))
+        may = lambda k: any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)  # noqa: E731
+        refused = sorted(k for k, (was, _) in changes.items() if was != UNSET and not may(k))
         if refused:
             raise ValueError(f"run {run_name!r} resumes with a changed config that changes what it computes: "
                              + ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
