@@ -1,0 +1,81 @@
+"""What bounds time to first token under load: the decode loop's own costs, without Serve.
+
+    python bench/decode_profile.py [--flavor small|debug] [--repeats 5]
+
+On a random-init flavor, with bench/serving.py's prompts in the chat template, times
+(median of --repeats) the prefill forward of k joining rows (k = 1, 4, 16; one
+`BatchDecoder.step` that admits them) and one decode step of 16 rows with ~64
+tokens of context each. In bench/serving.py's closed loop the 16 clients' rows
+finish at the same step, so all 16 join together: the first token of the last of
+them cannot come before a 16-row prefill, whatever the admission order, unless
+the prefill of 16 costs little more than the prefill of one. The printed ratio
+prefill(16) / prefill(1) is that floor of the TTFT ratio at 16 clients.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flavor", default="small", choices=["debug", "small"])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    import torch
+
+    from bench.serving import PROMPTS
+    from dreamllm.config import get_flavor
+    from dreamllm.generation import BatchDecoder, TextSampling, conversation_inputs
+    from dreamllm.model import DreamLLM
+    from dreamllm.sequence import Text, Turn
+
+    torch.manual_seed(0)
+    model = DreamLLM.from_config(get_flavor(args.flavor)).eval()
+    prompts = [conversation_inputs(model, [Turn("user", (Text(PROMPTS[i % len(PROMPTS)]),))])[0] for i in range(16)]
+    greedy = TextSampling(max_new_tokens=10_000, temperature=0.0, max_images=0)
+    eos = model.ids.eos
+
+    def no_eos(_generated, logits):  # random weights may pick <eos> early; every row must run on
+        logits[eos] = float("-inf")
+        return logits
+
+    def prefill(k: int) -> float:
+        dec = BatchDecoder(model)
+        for ids in prompts[:k]:
+            dec.add(ids, sampling=greedy, logits_processor=no_eos)
+        t = time.perf_counter()
+        dec.step()  # the joiners' prefill and their first token
+        return time.perf_counter() - t
+
+    def decode_step(rows: int, context: int) -> float:
+        dec = BatchDecoder(model)
+        for ids in prompts[:rows]:
+            dec.add(ids, sampling=greedy, logits_processor=no_eos)
+        dec.step()
+        while min(r.length for r in dec.rows) < context:
+            dec.step()
+        t = time.perf_counter()
+        dec.step()
+        return time.perf_counter() - t
+
+    median = lambda f, *a: statistics.median(f(*a) for _ in range(args.repeats))  # noqa: E731
+    prompt_len = statistics.mean(len(p) for p in prompts)
+    print(f"{args.flavor} flavor, {torch.get_num_threads()} threads, prompts of {prompt_len:.0f} tokens on average")
+    pre = {k: median(prefill, k) for k in (1, 4, 16)}
+    for k, s in pre.items():
+        print(f"prefill of {k:2d} joining rows: {s * 1e3:7.1f} ms  (x{s / pre[1]:.1f} of one row)")
+    ctx = int(prompt_len) + 64
+    d1, d16 = median(decode_step, 1, ctx), median(decode_step, 16, ctx)
+    print(f"decode step, 1 row at {ctx} tokens:   {d1 * 1e3:7.1f} ms")
+    print(f"decode step, 16 rows at {ctx} tokens: {d16 * 1e3:7.1f} ms  (x{d16 / d1:.1f})")
+    print(f"floor of TTFT(16 joining together) / TTFT(1): x{pre[16] / pre[1]:.1f} (prefill alone); "
+          f"x{(pre[16] + d16) / pre[1]:.1f} when the burst arrives during a 16-row step")
+
+
+if __name__ == "__main__":
+    main()
