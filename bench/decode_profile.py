@@ -1,9 +1,10 @@
 """What bounds time to first token under load: the decode loop's own costs, without Serve.
 
-    python bench/decode_profile.py [--flavor small|debug] [--repeats 5]
+    python bench/decode_profile.py [--flavor small|debug] [--repeats 5] [--threads 1]
 
-On a random-init flavor, with bench/serving.py's prompts in the chat template, times
-(median of --repeats) the prefill forward of k joining rows (k = 1, 4, 16; one
+On a random-init flavor, on `--threads` CPU threads (1: what a Serve replica
+with one CPU gets, as Ray sets OMP_NUM_THREADS from num_cpus), with
+bench/serving.py's prompts in the chat template, times (median of --repeats) the prefill forward of k joining rows (k = 1, 4, 16; one
 `BatchDecoder.step` that admits them) and one decode step of 16 rows with ~64
 tokens of context each. In bench/serving.py's closed loop the 16 clients' rows
 finish at the same step, so all 16 join together: the first token of the last of
@@ -24,9 +25,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flavor", default="small", choices=["debug", "small"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
     import torch
+
+    torch.set_num_threads(args.threads)
 
     from bench.serving import PROMPTS
     from dreamllm.config import get_flavor
