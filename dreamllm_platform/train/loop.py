@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -192,7 +193,10 @@ def train_loop(config: dict) -> None:
     step, seen, state, rng_restored = 0, {"samples": 0.0, "tokens": 0.0, "images": 0.0}, {}, False
     resumed_from = ray.train.get_checkpoint()
     if resumed_from:
-        with resumed_from.as_directory() as d:
+        # Each rank reads its own download: ranks sharing one `as_directory()` copy on a node raced (one
+        # read a checkpoint file another was still writing or already removing).
+        with tempfile.TemporaryDirectory() as own:
+            d = resumed_from.to_directory(own)
             engine.load_checkpoint(d, tag=DS_TAG)
             state = json.loads((Path(d) / STATE_FILE).read_text())
             step, seen = state["step"], state["seen"]
