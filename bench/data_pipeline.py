@@ -8,8 +8,14 @@
    (a fresh sample drawn from the stored mean/logvar) vs encoding every dream
    image with the VAE online each step (decode JPEG, crop, encode), as the
    original DreamLLM code does: seconds/step and ratio.
+3. (--bench modes or all) Training steps/s of a stage in the two data modes on the same pair shards,
+   side by side: store mode (precompute the latent store, then train from it: the precompute's
+   seconds are printed beside) and streaming mode (`data.mode=streaming`: the VAE encoder pool feeds
+   the training workers, no store). Steps/s is timed between the first and the last logged step
+   (MLflow timestamps), so start-up is left out of both.
 
     python bench/data_pipeline.py [--flavor small] [--mmc4-shards 4] [--pair-shards 4] [--steps 6]
+    python bench/data_pipeline.py --bench modes --flavor debug --mmc4-shards 1 --pair-shards 1 --train-steps 8
 
 No pass/fail: it prints figures. On a 2-core CPU machine Ray's start-up costs
 dominate small sets; the pipeline pays off with more shards, cores and GPUs.
@@ -90,6 +96,56 @@ def sd_vae_encode_seconds(resolution: int = 512, reps: int = 2) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def train_modes(args, work: Path, syn: SyntheticConfig) -> None:
+    """Section 3: the same stage-I run on the same shards, store mode vs streaming mode."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from dreamllm_platform.config import load_config
+    from dreamllm_platform.data.config import default_sources
+    from dreamllm_platform.tracking import client
+    from dreamllm_platform.train.config import STAGE_DEFAULTS, TrainConfig
+    from dreamllm_platform.train.trainer import run_stage
+
+    d = (work / "modes").resolve()
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    pre = PrecomputeConfig(flavor=args.flavor, data_root=str((work / "data").resolve()), output=str(d / "store"),
+                           sources={"laion": default_sources()["laion"]}, synthetic=syn,
+                           encoder=EncoderConfig(batch_size=16))
+    pre_yaml = d / "precompute.yaml"
+    pre_yaml.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(pre)))))
+
+    def stage(mode: str):
+        sets = [f"model.flavor={args.flavor}", f"scaling.num_workers={args.workers}", "log_every=1",
+                f"optim.max_steps={args.train_steps}", f"checkpoint.every_n_steps={args.train_steps}",
+                f"data.micro_batch_size={args.batch}", "tracking.sample_images=0", f"data.mode={mode}",
+                f"data.store={d / 'store'}", f"data.precompute_config={pre_yaml}", "data.prepare=false",
+                f"checkpoint.storage_path={d / 'ray'}", f"tracking.tracking_uri=sqlite:///{d / 'mlflow.db'}",
+                f"run_name=bench-{mode}"]
+        cfg = load_config(TrainConfig, None, sets, STAGE_DEFAULTS["align"])
+        t0 = time.perf_counter()
+        r = run_stage(cfg)
+        wall = time.perf_counter() - t0
+        ts = sorted(m.timestamp for m in client(cfg.tracking).get_metric_history(r.mlflow_run_id, "loss"))
+        return (len(ts) - 1) / max((ts[-1] - ts[0]) / 1000, 1e-9), wall
+
+    print(f"\n== stage I training, store mode vs streaming mode, flavor {args.flavor}, {args.workers} worker(s), "
+          f"{args.train_steps} steps of micro-batch {args.batch} ==")
+    init_ray()
+    pre_s = run_precompute(pre).seconds
+    store_sps, store_wall = stage("store")
+    stream_sps, stream_wall = stage("streaming")
+    print(f"store mode:     {store_sps:.2f} steps/s (precompute {pre_s:.1f} s before; fit {store_wall:.1f} s "
+          f"incl. start-up)")
+    print(f"streaming mode: {stream_sps:.2f} steps/s (no precompute; fit {stream_wall:.1f} s incl. start-up and "
+          f"the encoder pool)")
+    print(f"ratio streaming / store steps/s: {stream_sps / store_sps:.2f}x; "
+          f"end to end (precompute + fit) store {pre_s + store_wall:.1f} s vs streaming {stream_wall:.1f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavor", default="small")
@@ -100,6 +156,10 @@ def main():
     ap.add_argument("--sd-vae", action=argparse.BooleanOptionalAction, default=True,
                     help="also time an SD-2.1-shaped VAE encoder at 512 px (the 7b flavor's online cost)")
     ap.add_argument("--workdir", default=".tmp/bench_data_pipeline")
+    ap.add_argument("--bench", choices=("precompute", "modes", "all"), default="precompute",
+                    help="precompute: sections 1-2; modes: section 3 (store vs streaming training); all: both")
+    ap.add_argument("--train-steps", type=int, default=20, help="section 3: optimizer steps of each run")
+    ap.add_argument("--workers", type=int, default=1, help="section 3: Ray Train workers")
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -110,6 +170,8 @@ def main():
     if not (work / "data/_SUCCESS").exists():
         write_synthetic(cfg.data_root, syn)
     shutil.rmtree(cfg.output, ignore_errors=True)
+    if args.bench == "modes":
+        return train_modes(args, work, syn)
 
     print(f"== latent precompute, flavor {args.flavor}, {len(plan_shards(cfg))} shards ==")
     n_naive, s_naive = naive_loop(cfg)
@@ -157,6 +219,8 @@ def main():
         sd = sd_vae_encode_seconds()
         print(f"\n== 7b shapes: an SD-2.1-architecture VAE encoder at 512 px on this machine's CPU ==\n"
               f"{sd:.2f} s per image: online encoding would add about {sd * n_dream:.1f} s to each step above")
+    if args.bench == "all":
+        train_modes(args, work, syn)
 
 if __name__ == "__main__":
     main()

@@ -73,34 +73,52 @@ def shard_examples(batch: dict, store_uri: str, model_cfg_json: str, cfg: Assemb
         by_sha = {s: (c, m + v) for s, c, m, v in zip(lat["sha256"], lat["clip_u8"], lat["mean"], lat["logvar"])}
         rec = store.read_records(shard_id).to_pydict()
         rows = []
-        for rid, rtype, data in zip(rec["id"], rec["type"], rec["data"]):
-            if rtype not in cfg.record_types:
-                continue
-            for ex in record_examples(builder, rtype, json.loads(data), cfg):
-                missing = [k for k in ex.image_keys + ex.dream_keys if k not in by_sha]
-                if missing:  # the store writes records and latents together: this is corruption
-                    raise ValueError(f"latent store {store_uri}: shard {shard_id} record {rid} references "
-                                     f"images without latents: {missing[:3]}")
-                rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "image_keys": ex.image_keys,
-                             "dream_keys": ex.dream_keys, "images": [by_sha[k][0] for k in ex.image_keys],
-                             "latents": [by_sha[k][1] for k in ex.dream_keys],
-                             "shard_id": shard_id, "record_id": rid})
-                if len(rows) == ROWS_PER_BATCH:
-                    yield _to_arrow(rows)
-                    rows = []
+        for rid, ex in shard_record_examples(builder, zip(rec["id"], rec["type"], rec["data"]), by_sha, cfg,
+                                             f"latent store {store_uri}: shard {shard_id}"):
+            rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "image_keys": ex.image_keys,
+                         "dream_keys": ex.dream_keys, "images": [by_sha[k][0] for k in ex.image_keys],
+                         "latents": [by_sha[k][1] for k in ex.dream_keys],
+                         "shard_id": shard_id, "record_id": rid})
+            if len(rows) == ROWS_PER_BATCH:
+                yield _to_arrow(rows)
+                rows = []
         if rows:
             yield _to_arrow(rows)
+
+
+def shard_record_examples(builder, records, images, cfg: AssemblyConfig, where: str):
+    """(record id, Example) of a shard's records, in shard order: the one join of records with their images.
+
+    `records`: (id, type, normalised JSON) in shard order; `images`: the shard's image keys (sha256), a set
+    or a mapping. Both data paths use it: the latent store (`shard_examples`) and the streaming feed
+    (`streaming.py`). An example referencing an image the shard lacks is corruption (the reader keeps a
+    record only with its images): ValueError naming `where` and the record.
+    """
+    for rid, rtype, data in records:
+        if rtype not in cfg.record_types:
+            continue
+        for ex in record_examples(builder, rtype, json.loads(data), cfg):
+            missing = [k for k in ex.image_keys + ex.dream_keys if k not in images]
+            if missing:
+                raise ValueError(f"{where} record {rid} references images without latents: {missing[:3]}")
+            yield rid, ex
 
 
 def _to_arrow(rows: list[dict]):
     import pyarrow as pa
 
+    return pa.Table.from_pylist(rows, schema=example_schema())
+
+
+def example_schema(*extra):
+    """The example rows' arrow schema (module docstring), plus `extra` (name, type) fields."""
+    import pyarrow as pa
+
     # An explicit schema: empty key lists must still be list<string>, not list<null>.
-    schema = pa.schema([("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())),
-                        ("image_keys", pa.list_(pa.string())), ("dream_keys", pa.list_(pa.string())),
-                        ("images", pa.list_(pa.binary())), ("latents", pa.list_(pa.binary())),
-                        ("shard_id", pa.string()), ("record_id", pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.schema([("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())),
+                      ("image_keys", pa.list_(pa.string())), ("dream_keys", pa.list_(pa.string())),
+                      ("images", pa.list_(pa.binary())), ("latents", pa.list_(pa.binary())),
+                      ("shard_id", pa.string()), ("record_id", pa.string()), *extra])
 
 
 def training_dataset(store_uri: str, model_cfg: DreamLLMConfig, cfg: AssemblyConfig | None = None,

@@ -46,8 +46,13 @@ class ModelSpec:
 class DataSpec:
     """Where examples come from and how they are batched."""
 
+    mode: str = "store"
+    """Where the latents come from: "store" (precomputed once by jobs/precompute_latents.py, read every epoch)
+    or "streaming" (the precompute's read -> VAE encoder pipeline fed straight into the training workers each
+    epoch, no store written: for clusters whose GPUs cost less than storage passes; what it gives up is in
+    the README, "Streaming mode"). Both read the sources of `precompute_config`."""
     store: str = "outputs/latent_store"
-    """URI of the latent store written by jobs/precompute_latents.py."""
+    """URI of the latent store written by jobs/precompute_latents.py (store mode)."""
     mix: dict[str, float] = field(default_factory=lambda: {"mmc4": 1.0, "laion": 1.0})
     """Source name -> sampling weight of the source's examples in each micro-batch draw; 0 leaves the source
     out (so a section merged over defaults can remove one)."""
@@ -60,9 +65,11 @@ class DataSpec:
     shuffle_buffer: int = 64
     """Examples in each worker's local shuffle buffer (0 disables)."""
     prepare: bool = True
-    """Run the latent precompute first when the store is missing (embedded defaults)."""
+    """Run the latent precompute first when the store is missing (embedded defaults); streaming: write the
+    synthetic set first when the precompute config asks for it and it is missing."""
     precompute_config: str | None = None
-    """YAML of the precompute job used when `prepare` runs it (default: its embedded defaults)."""
+    """YAML of the precompute job (sources, filters, encoder pool) used when `prepare` runs it, and by the
+    streaming mode (default: its embedded defaults)."""
     data_cpus: float = 0.5
     """CPUs per Ray Data assembly task; the trainer leaves at least this much free."""
     record_ids: bool = False
@@ -74,6 +81,7 @@ class DataSpec:
         self.mix = {k: w for k, w in self.mix.items() if w > 0}
         check(bool(self.mix), "data.mix needs at least one source with a positive weight")
         check(self.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
+        check(self.mode in ("store", "streaming"), f"data.mode must be store or streaming, got {self.mode!r}")
 
 
 @dataclass
