@@ -1,6 +1,7 @@
 """Stage I alignment: train the projectors and dream queries on image-text pairs (LLM frozen).
 
     python jobs/align.py [--config configs/align.yaml] [--set optim.max_steps=50]
+    python jobs/align.py --set data.mode=streaming   # encode while training, no latent store
     ray job submit --working-dir . -- python jobs/align.py --config configs/align_7b.yaml
 """
 import sys

@@ -1,6 +1,7 @@
 """Stage II I-GPT pretraining: interleaved MMC4 documents + pairs, LLM unfrozen.
 
     python jobs/igpt.py [--config configs/igpt.yaml] [--set optim.max_steps=50]
+    python jobs/igpt.py --set data.mode=streaming   # encode while training, no latent store
     ray job submit --working-dir . -- python jobs/igpt.py --config configs/igpt_7b.yaml
 """
 import sys

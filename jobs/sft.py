@@ -1,6 +1,7 @@
 """Stage III SFT: instruction conversations, loss on assistant turns.
 
     python jobs/sft.py [--config configs/sft.yaml] [--set optim.max_steps=50]
+    python jobs/sft.py --set data.mode=streaming   # encode while training, no latent store
     ray job submit --working-dir . -- python jobs/sft.py --config configs/sft_7b.yaml
 """
 import sys
