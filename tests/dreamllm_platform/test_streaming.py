@@ -20,6 +20,8 @@ from dreamllm_platform.tracking import client
 from dreamllm_platform.train.config import STAGE_DEFAULTS, TrainConfig
 from dreamllm_platform.train.trainer import run_stage
 
+pytestmark = pytest.mark.slow
+
 # Only the pair source (stage I's), with one of each bad input the synthetic writer makes.
 PRECOMPUTE_YAML = """
 flavor: debug

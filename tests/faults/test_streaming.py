@@ -13,6 +13,9 @@ from dreamllm_platform.train.config import TrainConfig
 from .test_data import MMC4_ONLY, _mmc4_cfg, _reference, proxy  # noqa: F401 - proxy is a fixture
 
 
+pytestmark = pytest.mark.slow
+
+
 def test_a_shard_failing_in_storage_is_reported_and_the_next_epoch_reads_it(ray_session, s3, proxy, tally):  # noqa: F811
     root = f"s3://{s3['bucket']}/faults-streaming/storage-errors"
     write_synthetic(f"{root}/data", MMC4_ONLY)
