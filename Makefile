@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv pipeline demo test bench clean
+.PHONY: venv chromium pipeline demo test bench clean
 
 venv: $(BIN)/.installed
 
@@ -33,7 +33,20 @@ demo: venv
 	@mkdir -p .tmp
 	$(BIN)/python jobs/demo.py
 
-test: venv
+# The playground's browser tests drive Debian's Chromium through Playwright (which must not download a
+# browser of its own): install it when missing, as root (CI) or with password-less sudo, else stop here.
+CHROMIUM := /usr/bin/chromium
+APT_CHROMIUM := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Chromium for the playground's browser tests (apt-get install chromium)"; \
+	  if [ "$$(id -u)" = 0 ]; then sh -c '$(APT_CHROMIUM)'; \
+	  elif sudo -n true 2>/dev/null; then sudo sh -c '$(APT_CHROMIUM)'; fi; }
+	@test -x $(CHROMIUM) || { echo "make test: $(CHROMIUM) is missing and could not be installed (needs root or" \
+	  "password-less sudo): run 'sudo apt-get install chromium' and retry" >&2; exit 1; }
+
+test: venv chromium
 	@mkdir -p .tmp
 	$(BIN)/python -m pytest
 

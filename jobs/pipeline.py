@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if cfg.keep_serving and r.api:
         from dreamllm_platform.runtime import serve_until_stopped
 
-        print(f"\nserving at {r.api} until Ctrl-C")
+        print(f"\nserving at {r.api} (playground: {r.api.removesuffix('/v1')}/) until Ctrl-C")
         serve_until_stopped()
     return 0
 

@@ -40,8 +40,9 @@ def main(argv=None) -> int:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"serve: failed: {reason} (details in the Serve logs)", file=sys.stderr)
         return 1
-    print(f"serving {cfg.model.uri} as '{cfg.model.name}' at http://{cfg.http.host}:{cfg.http.port}/v1 "
-          f"(app '{cfg.app_name}')", flush=True)
+    base = f"http://{cfg.http.host}:{cfg.http.port}"
+    print(f"serving {cfg.model.uri} as '{cfg.model.name}' at {base}/v1 (app '{cfg.app_name}'); "
+          f"playground at {base}/", flush=True)
     if not on_cluster:  # the local Ray (and the API) live as long as this process: serve until stopped
         serve_until_stopped()
     return 0

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP ingress and the application builder.
 
 Owns: the FastAPI routes (POST /v1/chat/completions, POST /v1/images/generations,
-GET /v1/models, GET /healthz), turning OpenAI requests into model jobs and
-model results into OpenAI responses (created images inline as data URLs,
+GET /v1/models, GET /healthz, and GET /: the playground page, package file
+playground.html, which calls only those public routes), turning OpenAI requests
+into model jobs and model results into OpenAI responses (created images inline as data URLs,
 server-sent events for `stream: true`), OpenAI-style JSON errors for every
 failure, and `build_app(cfg)` / `app_builder(args)`, which bind the model
 reference and deployment options into a Serve application.
@@ -17,6 +18,7 @@ replica.
 # methods, and string annotations would no longer resolve, turning `request: Request` into a query param).
 import asyncio
 import dataclasses
+import importlib.resources
 import json
 import logging
 import time
@@ -24,7 +26,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,6 +43,11 @@ from .schemas import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompl
                       ImagesResponse, ModelCard, ModelList, Usage)
 
 logger = logging.getLogger("ray.serve")
+
+# The playground may load nothing from elsewhere and talk to this API only; images it shows are data URLs.
+# Its script is inline (one file, no build step) and puts model output into the page as text, never as HTML.
+PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+                  "connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 api = FastAPI(title="DreamLLM", description="OpenAI-compatible chat and image generation with DreamLLM",
               docs_url=None, redoc_url=None)
@@ -179,6 +186,7 @@ class OpenAIIngress:
         if self.api_key is None:
             logger.warning("no API key configured (auth.api_key_env / auth.api_key_file): the API is open")
         self._info: dict | None = None
+        self.playground = importlib.resources.files(__package__).joinpath("playground.html").read_text()
 
     async def _call(self, method: str, *args, timeout_s: float | None = None):
         """Await one model call; failures of the model deployment become JSON errors, never a crash here."""
@@ -201,6 +209,12 @@ class OpenAIIngress:
                            param="model", code="model_not_found")
 
     # ------------------------------------------------------------ routes
+    @api.get("/", response_class=HTMLResponse)
+    async def playground_page(self):
+        """The playground (no auth: a static page; the key typed into it goes with each API call)."""
+        return HTMLResponse(self.playground, headers={"Content-Security-Policy": PLAYGROUND_CSP,
+                                                      "Cache-Control": "no-cache"})
+
     @api.get("/healthz")
     async def healthz(self):
         """Liveness of the ingress plus a short probe of the model deployment (no auth: for probes)."""

@@ -6,12 +6,17 @@ session's S3 endpoint (moto) and served from its s3:// URI, with an API key
 read from a secret file. The checkpoint's weights are nudged so that the model
 opens every answer with `<dream_start>`: chat answers then contain a created
 image whenever the request allows one, which the inline-image tests rely on.
+
+The playground page at `/` is tested here too, on the same app (no second Serve start-up), in a real
+headless browser: Debian's Chromium (`make chromium`) driven by Playwright, launched once per module.
 """
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
+import re
 import socket
 import time
 import urllib.error
@@ -424,6 +429,164 @@ def test_a_failing_request_does_not_fail_its_batch(client):
         bad, good = pool.map(ask, [too_long, "hello"])
     assert isinstance(bad, openai.BadRequestError) and "does not fit the context" in bad.message
     assert isinstance(good, str) and good
+
+
+# ------------------------------------------------------- the playground page
+# Chromium's own background connections are refused by closed networks (and slow start-up): keep it quiet.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1000, "height": 700}  # the size of docs/playground.png
+UI_TIMEOUT_MS = 120_000  # a debug-model answer or image on a busy 2-core machine
+
+
+def _get(server: str, path: str):
+    with urllib.request.urlopen(server + path, timeout=60) as r:
+        return r.status, r.headers, r.read().decode()
+
+
+def test_the_playground_page_is_served_at_the_root_and_loads_nothing_from_elsewhere(server):
+    status, headers, page = _get(server, "/")  # no key: the page is public, the API behind it is not
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "<title>DreamLLM playground</title>" in page
+    assert not re.findall(r"https?://|(?:src|href|action)\s*=\s*[\"']?//", page, re.I)  # no other origin
+    # Only the public API routes, by relative path (so the page also works under a route prefix).
+    assert set(re.findall(r"api\(\"([^\"]+)\"", page)) == {"v1/models", "v1/chat/completions", "v1/images/generations"}
+    csp = headers["content-security-policy"]  # and the browser is told to load nothing from elsewhere
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "img-src data:" in csp
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it (apt-get install chromium)")
+    # Playwright gives each launch a fresh profile (user-data-dir) under TMPDIR, the checkout's .tmp.
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _open_playground(browser, server: str, key: str | None):
+    """A fresh page (nothing remembered from other tests) on the playground, with `key` typed in."""
+    page = browser.new_context(viewport=VIEWPORT).new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(server + "/")
+    if key is not None:
+        page.fill("#api-key", key)
+        page.click("#load-models")
+    return page
+
+
+@pytest.fixture(scope="module")
+def playground(browser, server):
+    """One page for the happy paths (chat, then image creation), so that its screenshot shows both."""
+    from playwright.sync_api import expect
+
+    page = _open_playground(browser, server, KEY)
+    expect(page.locator("#model option")).to_have_text(["dreamllm"])  # listed from GET /v1/models
+    expect(page.locator("#error")).to_be_hidden()
+    yield page
+    page.context.close()
+
+
+def _data_url_png(src: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), src[:60]
+    return _decode_b64_png(src[len(prefix):])
+
+
+def test_the_playground_chats_about_an_uploaded_image_and_shows_the_created_image_in_place(playground):
+    from playwright.sync_api import expect
+
+    page = playground
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(buf, format="PNG")
+    page.set_input_files("#chat-files", files=[{"name": "red.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
+    expect(page.locator("#attachments img")).to_have_count(1)
+    page.fill("#chat-text", "What colour is this picture? Draw one too.")
+    page.fill("#max-tokens", "6")
+    page.fill("#max-images", "1")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#send")
+    body = json.loads(sent.value.post_data)  # OpenAI's shape: a stream, the upload as an image_url part
+    assert body["stream"] is True and body["max_tokens"] == 6 and body["max_images"] == 1
+    assert [p["type"] for p in body["messages"][0]["content"]] == ["image_url", "text"]
+    expect(page.locator("#send")).to_be_enabled()  # the stream has ended
+    expect(page.locator("#error")).to_be_hidden()
+    user = page.locator(".msg.user").last
+    assert _data_url_png(user.locator("img").get_attribute("src")).size == (40, 30)  # the upload, as sent
+    answer = page.locator(".msg.assistant").last
+    # The (biased) model opens with its image, then writes text: rendered in that order, no raw Markdown.
+    kinds = answer.locator("[data-kind]").evaluate_all("nodes => nodes.map(n => n.dataset.kind)")
+    assert kinds[:2] == ["image", "text"], kinds
+    assert _data_url_png(answer.locator("img").first.get_attribute("src")).size == (NATIVE, NATIVE)
+    text = "".join(answer.locator("[data-kind=text]").all_inner_texts())
+    assert text.strip() and "data:image" not in text and "![" not in text
+    # A second turn sends the first one back (its created image as an image part) and is answered too.
+    page.fill("#chat-text", "And in one word?")
+    page.fill("#max-images", "0")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#send")
+    turns = json.loads(sent.value.post_data)["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert [p["type"] for p in turns[1]["content"]][:2] == ["image_url", "text"]
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator(".msg.assistant")).to_have_count(2)
+    assert page.locator(".msg.assistant").last.locator("img").count() == 0
+
+
+def test_the_playground_creates_an_image_with_the_steps_guidance_and_seed_it_was_given(playground, client, tmp_path):
+    from playwright.sync_api import expect
+
+    page = playground
+    page.fill("#image-prompt", "a blue square")
+    page.fill("#steps", "2")
+    page.fill("#guidance", "4.5")
+    page.fill("#seed", "21")
+    page.click("#create")
+    expect(page.locator("#images img")).to_have_count(1)
+    expect(page.locator("#error")).to_be_hidden()
+    shown = _data_url_png(page.locator("#images img").get_attribute("src"))
+    # The same request through the API gives the same pixels: the fields reached the server as typed.
+    same = client.images.generate(prompt="a blue square", extra_body={"steps": 2, "guidance_scale": 4.5, "seed": 21})
+    assert np.array_equal(np.asarray(shown), np.asarray(_decode_b64_png(same.data[0].b64_json)))
+    other = client.images.generate(prompt="a blue square", extra_body={"steps": 2, "guidance_scale": 4.5, "seed": 22})
+    assert not np.array_equal(np.asarray(shown), np.asarray(_decode_b64_png(other.data[0].b64_json)))
+    shot = page.screenshot(path=tmp_path / "playground.png")
+    if os.environ.get("PLAYGROUND_SCREENSHOT"):  # e.g. docs/playground.png for the README
+        Path(os.environ["PLAYGROUND_SCREENSHOT"]).write_bytes(shot)
+    assert Image.open(tmp_path / "playground.png").size == (VIEWPORT["width"], VIEWPORT["height"])
+
+
+def test_the_playground_shows_the_apis_errors_as_the_api_words_them(browser, server):
+    from playwright.sync_api import expect
+
+    page = _open_playground(browser, server, key=None)  # on load it lists models without a key
+    _, missing = _raw(server, "GET", "/v1/models", key=None)
+    expect(page.locator("#error")).to_have_text(missing["error"]["message"])
+    page.fill("#api-key", "sk-wrong")
+    page.click("#load-models")
+    _, wrong = _raw(server, "GET", "/v1/models", key="sk-wrong")
+    expect(page.locator("#error")).to_have_text(wrong["error"]["message"])  # "Incorrect API key provided."
+    page.fill("#chat-text", "hi")
+    page.click("#send")  # the chat route refuses the wrong key too, and the page keeps the input
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#error")).to_have_text(wrong["error"]["message"])
+    assert page.locator(".msg").count() == 0 and page.input_value("#chat-text") == "hi"
+    # With the right key, a value over this server's limit comes back as the API's message, word for word.
+    page.fill("#api-key", KEY)
+    page.fill("#image-prompt", "x")
+    page.fill("#steps", "500")
+    page.click("#create")
+    _, over = _raw(server, "POST", "/v1/images/generations", b'{"prompt": "x", "steps": 500}')
+    expect(page.locator("#error")).to_have_text(over["error"]["message"])
+    assert page.locator("#images img").count() == 0
+    page.context.close()
 
 
 # ------------------------------------------------------------------ load, faults
