@@ -46,7 +46,9 @@ REASONS = {
 
 @dataclass
 class Report:
-    """Counts of one shard or a whole run: `counts` (records/images in and out) and `dropped` by reason."""
+    """Counts of one shard or a whole run: `counts` (records/images in and out, and
+    `shared_image_in_document`: kept documents using an image an earlier document of the run or the
+    store uses) and `dropped` by reason."""
 
     counts: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)

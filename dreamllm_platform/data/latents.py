@@ -339,7 +339,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
                     while queue and queue[0] in ready:
                         ready.discard(queue[0])
                         commit(queue.popleft())
-            left = set(expected) | images.open_shards() | ready
+            left = set(expected) | images.open_shards() | {sid for q in queues.values() for sid in q}
         if left:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
             raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(left)}")
     summary.seconds = time.perf_counter() - t0
