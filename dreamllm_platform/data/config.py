@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import string
 from dataclasses import dataclass, field
 
 from dreamllm.config import check, get_flavor
@@ -39,12 +41,64 @@ class SourceConfig:
     """Shard file or directory (searched recursively for the format's suffixes); relative = under data_root."""
     images: str | None = None
     """mmc4/llava/instruct_doc: folder of images, or folder of tar shards of files named by image_name."""
+    images_pattern: str | None = None
+    """The images tar of a shard, relative to `images`: {shard} is the shard's file name without its suffix,
+    {n} the number after `shard_` in it (MMC4 pairs docs shard N with images shard N). Only that tar is
+    indexed (its images are loose files under `images` when it is absent); None: every tar under `images`."""
     enabled: bool = True
     """Set false to skip this source."""
 
     def __post_init__(self) -> None:
         check(self.format in FORMATS, f"source format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         check(bool(self.uri), "source uri must be set")
+        if self.images_pattern is not None:
+            check(self.images is not None, "source images_pattern needs the source's images location")
+            try:
+                names = _fields(self.images_pattern)
+            except ValueError as e:
+                raise ValueError(f"source images_pattern {self.images_pattern!r} does not parse: {e}") from None
+            check(names <= {"shard", "n"} and bool(names),
+                  f"source images_pattern {self.images_pattern!r} must use {{shard}} and/or {{n}}, "
+                  f"and nothing else (has {sorted(names)})")
+            check(self.images_pattern.endswith(".tar"), f"source images_pattern {self.images_pattern!r} must name a .tar")
+            check(safe_relative(self.images_pattern.format(shard="x", n=0)),
+                  f"source images_pattern {self.images_pattern!r} must stay inside the images location")
+
+    def shard_stem(self, shard_uri: str) -> str:
+        """The shard's file name without its format's suffix: `docs_shard_3_v2` of `.../docs_shard_3_v2.jsonl.zip`."""
+        name = shard_uri.rstrip("/").rsplit("/", 1)[-1]
+        return next((name[: -len(s)] for s in SHARD_SUFFIXES[self.format] if name.endswith(s)), name)
+
+    def images_tar(self, shard_uri: str) -> str | None:
+        """The images tar of a shard by `images_pattern` (relative to `images`), or None without a rule.
+
+        Raises ValueError when the pattern uses {n} and the shard's name has no `shard_<number>`.
+        """
+        if self.images_pattern is None or self.images is None:
+            return None
+        stem = self.shard_stem(shard_uri)
+        m = _SHARD_NUMBER.search(stem)
+        if m is None and "n" in _fields(self.images_pattern):
+            raise ValueError(f"images_pattern {self.images_pattern!r} uses {{n}}, but shard {shard_uri} has no "
+                             f"'shard_<number>' in its name: use {{shard}} (the name, {stem!r}) instead")
+        return self.images_pattern.format(shard=stem, n=int(m.group(1)) if m else 0)
+
+
+_SHARD_NUMBER = re.compile(r"shard_(\d+)")
+
+
+def _fields(pattern: str) -> set[str]:
+    """The placeholder names of a str.format pattern ({n:05d} -> n)."""
+    return {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+
+
+def safe_relative(name: str) -> bool:
+    """A relative name that stays inside a location: not absolute, no `..`, no NUL, no scheme."""
+    if not name or "\0" in name or "://" in name or name.startswith(("/", "\\", "~")):
+        return False
+    if len(name) > 1 and name[1] == ":":  # a Windows drive, C:...
+        return False
+    return ".." not in name.replace("\\", "/").split("/")
 
 
 @dataclass
@@ -68,7 +122,8 @@ class FilterConfig:
     min_images_per_doc: int = 1
     """Documents left with fewer images are dropped."""
     dedupe_images: bool = True
-    """Within a shard, drop pairs whose image (sha256) was seen before and repeated images inside a document."""
+    """Drop pairs whose image (sha256) an earlier pair of the run (in reading order: sources, shards, records)
+    or a pair already in the store has, and repeated images inside a document."""
     download_missing: bool = False
     """MMC4: fetch images missing from the images location from raw_url (off: MMC4 images are not redistributed)."""
     download_timeout_s: float = 10.0
@@ -161,7 +216,7 @@ def resolve_uri(data_root: str, uri: str | None) -> str | None:
 def default_sources() -> dict[str, SourceConfig]:
     """The synthetic set's layout (relative to data_root)."""
     return {
-        "mmc4": SourceConfig("mmc4", "mmc4", "mmc4/images"),
+        "mmc4": SourceConfig("mmc4", "mmc4", "mmc4/images", images_pattern="shard_{n}.tar"),
         "laion": SourceConfig("webdataset", "laion"),
         "laion_parquet": SourceConfig("laion_parquet", "laion_parquet"),
         "llava": SourceConfig("llava", "llava", "llava/images"),
@@ -211,6 +266,7 @@ class PrecomputeConfig:
         """
         model = get_flavor(self.flavor)
         relevant = {"format": source.format, "images": self.source_uri(source.images),
+                    **({"images_pattern": source.images_pattern} if source.images_pattern else {}),
                     "filters": {k: v for k, v in dataclasses.asdict(self.filters).items() if k != "sample_keys"},
                     "vae": dataclasses.asdict(model.diffusion), "clip_size": model.vision.image_size}
         if self.decoder:

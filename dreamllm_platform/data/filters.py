@@ -28,7 +28,8 @@ REASONS = {
     "oversized_image": "image declaring more than filters.max_image_pixels (decompression bomb)",
     "too_small": "image with a side below filters.min_image_side",
     "bad_aspect_ratio": "image with aspect ratio above filters.max_aspect_ratio",
-    "duplicate_image": "pair whose image (sha256) was already seen in the shard, or an image repeated in a document",
+    "duplicate_image": "pair whose image (sha256) an earlier pair of the run or the store has (reading order), "
+                       "or an image repeated inside one document",
     "too_many_images": "document image beyond filters.max_images_per_doc",
     # per record
     "malformed_json": "a JSON line or file that does not parse",
@@ -45,7 +46,9 @@ REASONS = {
 
 @dataclass
 class Report:
-    """Counts of one shard or a whole run: `counts` (records/images in and out) and `dropped` by reason."""
+    """Counts of one shard or a whole run: `counts` (records/images in and out, and
+    `shared_image_in_document`: kept documents using an image an earlier document of the run or the
+    store uses) and `dropped` by reason."""
 
     counts: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)

@@ -7,13 +7,21 @@ driver loop that commits each shard as soon as all of its images are encoded.
 Ray Data plan (one row per pending shard):
   from_items(shards) -> map_batches(read_shard, CPU tasks)  rows: one per unique image + one 'end' row per shard
                      -> map_batches(VaeEncoder, ActorPoolStrategy)  mean/logvar added, VAE pixels dropped
-                     -> driver: spill image rows by shard to local disk; commit when the 'end' row
-                        and all images arrived (memory: one batch and one shard, however many are open)
+                     -> driver: spill image and 'end' rows by shard to local disk; commit when the
+                        'end' row and all images arrived (memory: one batch and one shard, however many are open)
 The 'end' row carries the shard's records and drop report, so nothing is
 staged on storage and a shard is committed whole or not at all.
+
+Deduplication across shards and runs happens at commit: pair and document
+shards commit in reading order (plan order; a shard that ends early waits,
+spilled, for the earlier ones), each against the images of the shards before
+it and of the store's committed shards (`RunDedupe`). A pair whose image an
+earlier pair has is dropped (`duplicate_image`); a document using an image an
+earlier document uses is kept and counted (`shared_image_in_document`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -21,6 +29,7 @@ import pickle
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,15 +68,20 @@ def resolved_sources(cfg: PrecomputeConfig) -> dict[str, SourceConfig]:
 
 
 def plan_shards(cfg: PrecomputeConfig) -> list[ShardTask]:
-    """Every shard of every enabled source, with its store id `<source>/<path under the source, no suffix>`."""
+    """Every shard of every enabled source, with its store id `<source>/<path under the source, no suffix>`,
+    in reading order (sources in config order, then shards sorted by URI)."""
     tasks = []
     for name, src in resolved_sources(cfg).items():
         suffixes = SHARD_SUFFIXES[src.format]
         shards = storage.list_files(src.uri, suffixes, cfg.storage)
         if not shards:
             print(f"warning: source {name!r}: no {'/'.join(suffixes)} shards under {src.uri}")
+        if src.format == "mmc4" and src.images and src.images_pattern is None:
+            print(f"warning: source {name!r} has no images_pattern: every task indexes every tar under "
+                  f"{src.images} (set e.g. images_pattern: 'shard_{{n}}.tar' to read only each shard's own)")
         h = cfg.shard_config_hash(src)
         for uri in shards:
+            src.images_tar(uri)  # a shard the naming rule cannot name fails the plan, not a task
             rel = uri[len(src.uri):].strip("/") if uri.startswith(src.uri.rstrip("/") + "/") else storage.basename(uri)
             rel = next(rel[: -len(s)] for s in suffixes if rel.endswith(s))
             tasks.append(ShardTask(f"{name}/{rel}", name, uri, h))
@@ -286,7 +300,24 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
         meta = {"flavor": cfg.flavor, "decoder": cfg.decoder, "vae_resolution": model.diffusion.resolution,
                 "clip_size": model.vision.image_size}
         ds = build_pipeline(cfg, pending, plan)
-        ends: dict[str, dict] = {}
+        dedupe = RunDedupe.from_store(store, cfg, pending)
+        # Shards of a dedupe domain commit in reading order (a later shard waits, spilled, for the
+        # earlier ones), so the first pair in reading order is the one kept whatever order tasks end in.
+        queues = {d: collections.deque(t.shard_id for t in pending if _domain(cfg, t) == d) for d in DOMAINS}
+        expected: dict[str, int] = {}  # shard id -> image rows its 'end' row announced
+        ready: set[str] = set()
+
+        def commit(sid: str) -> None:
+            t, end, lat = by_id[sid], images.pop_end(sid), images.pop(sid)
+            if "failed" in end:  # storage errors on every attempt: nothing is committed
+                summary.shards_failed[sid] = end["failed"]
+                return
+            records, lat, report = dedupe.apply(end["records"], lat, end["report"])
+            shape = _latent_shape(lat, model.diffusion.latent_channels)
+            store.commit(sid, source_uri=t.uri, fmt=cfg.sources[t.source].format, config_hash=t.config_hash,
+                         records=records, latents=lat, report=report, meta={**meta, "latent_shape": shape})
+            summary.shards_done += 1
+
         with _Spill() as images:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 rows = batch.to_pylist()
@@ -294,21 +325,21 @@ def run_precompute(cfg: PrecomputeConfig) -> Summary:
                 summary.images_encoded += sum(r["kind"] == "image" for r in rows)
                 for row in rows:
                     if row["kind"] == "end":
-                        ends[row["shard_id"]] = json.loads(row["payload"])
-                for sid in {r["shard_id"] for r in rows}:
-                    if sid not in ends or images.count(sid) != ends[sid]["num_images"]:
+                        images.put_end(row["shard_id"], row["payload"])
+                        expected[row["shard_id"]] = json.loads(row["payload"])["num_images"]
+                for sid in sorted({r["shard_id"] for r in rows}):
+                    if sid not in expected or images.count(sid) != expected[sid]:
                         continue
-                    t, end = by_id[sid], ends.pop(sid)
-                    lat = images.pop(sid)
-                    if "failed" in end:  # storage errors on every attempt: nothing is committed
-                        summary.shards_failed[sid] = end["failed"]
+                    del expected[sid]
+                    queue = queues.get(_domain(cfg, by_id[sid]))
+                    if queue is None:
+                        commit(sid)
                         continue
-                    shape = _latent_shape(lat, model.diffusion.latent_channels)
-                    store.commit(sid, source_uri=t.uri, fmt=cfg.sources[t.source].format,
-                                 config_hash=t.config_hash, records=end["records"], latents=lat,
-                                 report=end["report"], meta={**meta, "latent_shape": shape})
-                    summary.shards_done += 1
-            left = set(ends) | images.open_shards()
+                    ready.add(sid)
+                    while queue and queue[0] in ready:
+                        ready.discard(queue[0])
+                        commit(queue.popleft())
+            left = set(expected) | images.open_shards() | {sid for q in queues.values() for sid in q}
         if left:  # cannot happen unless a stage lost rows: fail loudly, nothing committed is lost
             raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(left)}")
     summary.seconds = time.perf_counter() - t0
@@ -337,13 +368,15 @@ class ShardsFailed(RuntimeError):
 
 
 class _Spill:
-    """The encoded image rows of the shards in flight, kept on local disk (one append-only file per
-    shard) until their shard is committed: the driver's memory holds one batch and the shard being
-    committed, however many shards are open (Ray Data interleaves the rows of many shards)."""
+    """The encoded image rows and 'end' rows of the shards in flight, kept on local disk (one
+    append-only file per shard) until their shard is committed: the driver's memory holds one batch
+    and the shard being committed, however many shards are open (Ray Data interleaves the rows of
+    many shards) or wait for an earlier shard of their dedupe domain."""
 
     def __enter__(self) -> "_Spill":
         self.dir = Path(tempfile.mkdtemp(prefix="dreamllm-precompute-"))
         self.counts: dict[str, int] = {}
+        self.ends: set[str] = set()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -364,6 +397,18 @@ class _Spill:
     def count(self, sid: str) -> int:
         return self.counts.get(sid, 0)
 
+    def put_end(self, sid: str, payload: bytes) -> None:
+        """The shard's 'end' row (its records and report), kept on disk until the shard commits."""
+        self._file(sid).with_suffix(".end").write_bytes(payload)
+        self.ends.add(sid)
+
+    def pop_end(self, sid: str) -> dict:
+        path = self._file(sid).with_suffix(".end")
+        end = json.loads(path.read_bytes())
+        path.unlink()
+        self.ends.discard(sid)
+        return end
+
     def pop(self, sid: str) -> list[dict]:
         """The shard's rows (this driver's own file), removed from the spill."""
         rows: list[dict] = []
@@ -379,7 +424,82 @@ class _Spill:
         return rows
 
     def open_shards(self) -> set[str]:
-        return set(self.counts)
+        return set(self.counts) | self.ends
+
+
+# ------------------------------------------------------------ deduplication
+
+DOMAINS = ("pair", "document")
+"""Record types deduplicated (pairs) or counted (documents' shared images) across shards, in reading order."""
+_DOMAIN_OF_FORMAT = {"webdataset": "pair", "laion_parquet": "pair", "mmc4": "document"}
+
+
+def _domain(cfg: PrecomputeConfig, task: ShardTask) -> str | None:
+    return _DOMAIN_OF_FORMAT.get(cfg.sources[task.source].format)
+
+
+class RunDedupe:
+    """Run-wide image sets in reading order (sources in config order, shards in plan order, records in
+    shard order), seeded with the images of the store's committed shards that this run keeps.
+
+    `apply` drops a pair whose image (sha256) an earlier pair has (`duplicate_image`; with
+    filters.dedupe_images) and counts a document using an image an earlier document uses
+    (`shared_image_in_document`: kept, the paper's interleaved data repeats images; its latent is stored
+    in its own shard too, since assembly joins records with latents per shard). The driver calls it on
+    each shard of a domain in plan order, so the result does not depend on which task ends first.
+    What a store already holds comes first: a shard committed by an earlier run is never rewritten.
+    """
+
+    def __init__(self, pairs: set[str], documents: set[str], dedupe_pairs: bool, sample_keys: int):
+        self.seen = {"pair": pairs, "document": documents}
+        self.dedupe_pairs, self.sample_keys = dedupe_pairs, sample_keys
+
+    @classmethod
+    def from_store(cls, store: LatentStore, cfg: PrecomputeConfig, pending: list[ShardTask]) -> "RunDedupe":
+        redo = {t.shard_id for t in pending}
+        kept = [(sid, _DOMAIN_OF_FORMAT.get(e.get("format"))) for sid, e in store.manifest().items()
+                if sid not in redo]
+        kept = [(sid, d) for sid, d in kept if d is not None]
+        seen: dict[str, set[str]] = {d: set() for d in DOMAINS}
+        with ThreadPoolExecutor(max_workers=16) as pool:  # one small column read per committed shard
+            for (_, d), shas in zip(kept, pool.map(store.image_shas, [sid for sid, _ in kept])):
+                seen[d].update(shas)
+        return cls(seen["pair"], seen["document"], cfg.filters.dedupe_images, cfg.filters.sample_keys)
+
+    def apply(self, records: list, latents: list[dict], report: dict) -> tuple[list, list[dict], dict]:
+        """A shard's (records, latent rows, report) with later duplicates dropped and counted."""
+        rep = Report(sample_keys=self.sample_keys)
+        rep.merge(report)
+        kept, used, dropped = [], set(), 0
+        for rid, rtype, data in records:
+            shas = _record_images(rtype, json.loads(data))
+            if rtype == "pair":
+                if self.dedupe_pairs and shas[0] in self.seen["pair"]:
+                    rep.drop("duplicate_image", rid)
+                    dropped += 1
+                    continue
+                self.seen["pair"].add(shas[0])
+            elif rtype == "document":
+                if not self.seen["document"].isdisjoint(shas):
+                    rep.count("shared_image_in_document")
+                self.seen["document"].update(shas)
+            used.update(shas)
+            kept.append((rid, rtype, data))
+        if dropped:
+            rep.count("pairs_out", -dropped)
+            n = len(latents)
+            latents = [r for r in latents if r["sha256"] in used]  # not the images only dropped pairs used
+            if len(latents) != n:
+                rep.count("images_out", len(latents) - n)
+        return kept, latents, rep.to_dict()
+
+
+def _record_images(rtype: str, data: dict) -> list[str]:
+    """Image shas a normalised record uses (see shards.py), in order."""
+    if rtype == "pair":
+        return [data["image"]]
+    items = data.get("items", []) + [it for t in data.get("turns", []) for it in t["items"]]
+    return [it["image"] for it in items if "image" in it]
 
 
 def _latent_shape(rows: list[dict], channels: int) -> list[int] | None:

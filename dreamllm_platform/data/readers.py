@@ -29,7 +29,6 @@ import errno
 import functools
 import io
 import json
-import posixpath
 import tarfile
 import time
 import urllib.request
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..storage import StorageConfig
+from .config import safe_relative
 from .filters import Report
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -113,14 +113,8 @@ def _read_shard_bytes(uri: str, st: StorageConfig | None) -> bytes:
         raise StorageReadError(uri, e) from e
 
 
-def safe_image_name(name: str) -> bool:
-    """A relative name that stays inside the images location: not absolute, no `..`, no NUL, no scheme."""
-    if not name or "\0" in name or "://" in name or name.startswith(("/", "\\", "~")):
-        return False
-    if len(name) > 1 and name[1] == ":":  # a Windows drive, C:...
-        return False
-    parts = name.replace("\\", "/").split("/")
-    return ".." not in parts and not posixpath.isabs(name)
+safe_image_name = safe_relative
+"""A relative name that stays inside the images location: not absolute, no `..`, no NUL, no scheme."""
 
 
 def _loads(data: bytes | str, key: str, report: Report):
@@ -278,30 +272,46 @@ def iter_laion_parquet(uri: str, report: Report, st: StorageConfig | None = None
 class ImageLocation:
     """Finds image bytes by file name in a folder, or in tar shards of files named by image_name.
 
-    The tar index (name -> tar, offset, size) is built once per process from
-    the tar headers; images are then read with ranged reads, so s3:// tars are
-    never downloaded whole. Names must pass `safe_image_name`: nothing outside
-    the location is ever read. Storage errors raise `StorageReadError`; a name
-    that is simply not there gives None (counted as missing_image).
+    With `tar` (one tar's path relative to `uri`, a shard's by its source's `images_pattern`) only
+    that tar is indexed, and nothing else under `uri` is listed or opened; when it is not there, the
+    names are looked up as loose files under `uri`. Without it, every tar under `uri` is indexed
+    (the whole images corpus, once per process), or, when there are none, names are loose files.
+    The tar index (name -> tar, offset, size) is built from the tar headers on the first `get`;
+    images are then read with ranged reads, so s3:// tars are never downloaded whole. Names must
+    pass `safe_image_name`: nothing outside the location is ever read. Storage errors raise
+    `StorageReadError`; a name that is simply not there gives None (counted as missing_image).
     """
 
     def __init__(self, uri: str, st: StorageConfig | None = None, download: bool = False,
-                 timeout_s: float = 10.0, retries: int = 2):
-        self.uri, self.st = uri, st
+                 timeout_s: float = 10.0, retries: int = 2, tar: str | None = None):
+        self.uri, self.st, self.tar = uri, st, tar
         self.download, self.timeout_s, self.retries = download, timeout_s, retries
-        try:
-            self.tars = storage.list_files(uri, (".tar",), st)
-        except Exception as e:
-            raise StorageReadError(uri, e) from e
-        self.index = _tar_index(uri, tuple(self.tars), st) if self.tars else {}
+        self._index: dict[str, tuple[str, int, int]] | None = None
+        self._tar_mode = False
+
+    @property
+    def index(self) -> dict[str, tuple[str, int, int]]:
+        """image name -> (tar URI, data offset, size); empty when the location holds loose files."""
+        if self._index is None:  # stays None when indexing raised: the next get tries again
+            if self.tar is not None:
+                tars, named = (storage.join(self.uri, self.tar),), True
+            else:
+                try:
+                    tars, named = tuple(storage.list_files(self.uri, (".tar",), self.st)), False
+                except Exception as e:
+                    raise StorageReadError(self.uri, e) from e
+            self._index, found = _tar_index(self.uri, tars, self.st, named) if tars else ({}, 0)
+            self._tar_mode = found > 0
+        return self._index
 
     def get(self, name: str, raw_url: str | None = None) -> bytes | None:
         """The image's bytes, or None when it is nowhere to be found."""
         if not safe_image_name(name):
             raise ValueError(f"unsafe image name {name!r}: it must be relative, without '..'")
         data = None
-        if self.tars:
-            hit = self.index.get(name)
+        index = self.index
+        if self._tar_mode:
+            hit = index.get(name)
             if hit is not None:
                 tar_uri, offset, size = hit
                 fs, path = storage.fsspec_fs(tar_uri, self.st)
@@ -328,15 +338,24 @@ _NOT_THERE = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, err
 
 
 @functools.lru_cache(maxsize=8)
-def _tar_index(uri: str, tars: tuple[str, ...], st: StorageConfig | None) -> dict[str, tuple[str, int, int]]:
-    """Not cached when it raises: an images tar the storage failed to read is indexed on the retry."""
+def _tar_index(uri: str, tars: tuple[str, ...], st: StorageConfig | None,
+               named: bool = False) -> tuple[dict[str, tuple[str, int, int]], int]:
+    """(name -> (tar, offset, size), how many of `tars` exist). A `named` tar (a shard's, by its
+    source's images_pattern) may be absent; a listed one vanishing is a storage error. Not cached
+    when it raises: an images tar the storage failed to read is indexed on the retry."""
     index: dict[str, tuple[str, int, int]] = {}
+    found = 0
     for tar_uri in tars:
         fs, path = storage.fsspec_fs(tar_uri, st)
         try:
             size = fs.size(path)
+        except FileNotFoundError:
+            if named:
+                continue
+            raise StorageReadError(tar_uri, FileNotFoundError(tar_uri)) from None
         except Exception as e:
             raise StorageReadError(tar_uri, e) from e
+        found += 1
         try:
             with _open(tar_uri, st) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar:  # seekable mode: reads headers, skips data
@@ -347,7 +366,7 @@ def _tar_index(uri: str, tars: tuple[str, ...], st: StorageConfig | None) -> dic
         except Exception:
             # A damaged images tar: its images count as missing_image where referenced.
             continue
-    return index
+    return index, found
 
 
 def _download(url: str, timeout_s: float, retries: int) -> bytes | None:

@@ -8,8 +8,10 @@ Normalised records (JSON in the store's records parquet; images by sha256):
   document      {"items": [{"text": s} | {"image": sha}, ...]}          MMC4
   pair          {"caption": s, "image": sha}                            LAION
   conversation  {"turns": [{"role": user|assistant, "items": [...]}]}   LLaVA, instruction documents
-Duplicate detection is per shard, so a shard's output depends on the shard
-alone: shards run in parallel, in any order, and re-runs give the same bytes.
+Duplicates are detected here within the shard (a shard's images are sent to
+the VAE once); duplicates across shards and runs are resolved by the driver at
+commit time, in reading order (`latents.RunDedupe`), so shards still run in
+parallel, in any order, and re-runs give the same bytes.
 """
 from __future__ import annotations
 
@@ -48,8 +50,11 @@ class ShardReader:
         self.vae_size, self.clip_size = vae_size, clip_size
         self.report = Report(sample_keys=filters.sample_keys)
         self.records: list[tuple[str, str, str]] = []
+        # Only the shard's own images tar when the source has a naming rule (images_pattern):
+        # indexing every tar of the images location is the whole corpus per task at MMC4's scale.
         self.location = (readers.ImageLocation(source.images, st, filters.download_missing,
-                                               filters.download_timeout_s, filters.download_retries)
+                                               filters.download_timeout_s, filters.download_retries,
+                                               tar=source.images_tar(uri))
                          if source.images else None)
         self._by_name: dict[str, tuple[str | None, str | None]] = {}  # image name -> (sha, drop reason)
         self._crops: dict[str, dict] = {}  # sha -> image row, for the record being read

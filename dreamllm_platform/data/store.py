@@ -101,6 +101,12 @@ class LatentStore:
     def read_latents(self, shard_id: str) -> pa.Table:
         return pq.read_table(io.BytesIO(storage.read_bytes(self.latents_uri(shard_id), self.st)))
 
+    def image_shas(self, shard_id: str) -> list[str]:
+        """The sha256 of every image a committed shard stores (one column: ranged reads on s3://)."""
+        fs, path = storage.fsspec_fs(self.latents_uri(shard_id), self.st)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=["sha256"]).column("sha256").to_pylist()
+
     def read_records(self, shard_id: str) -> pa.Table:
         return pq.read_table(io.BytesIO(storage.read_bytes(self.records_uri(shard_id), self.st)))
 

@@ -91,7 +91,8 @@ def test_records_of_unexpected_shapes_are_counted_not_fatal(tmp_path, s3_data):
              dict(good, image_info=["not a dict"]), [1, 2], dict(good, text_list=None)]
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(w) for w in weird + [good]) + "\n")
     cfg = PrecomputeConfig(flavor="debug", data_root=s3_data)
-    src = dataclasses.replace(resolved_sources(cfg)["mmc4"], uri=str(tmp_path))
+    # docs.jsonl is outside the shard_<N> layout: its images come from the whole images location
+    src = dataclasses.replace(resolved_sources(cfg)["mmc4"], uri=str(tmp_path), images_pattern=None)
     r = ShardReader(src, str(tmp_path / "docs.jsonl"), cfg.filters, 32, 32)
     images = list(r.images())
     assert r.report.dropped == {"malformed_record": 4}

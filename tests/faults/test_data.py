@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import threading
@@ -353,3 +354,31 @@ def test_images_are_turned_upright_by_their_exif_orientation(tally):
         assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the stored left (red) is now on top
     assert reason is None
     tally(bad_inputs=1)
+
+
+# ------------------------------------------------------- images naming rule
+
+def test_bad_images_patterns_are_refused_with_the_reason_before_anything_runs(tmp_path, tally):
+    cases = {"{shard_id}.tar": "must use {shard} and/or {n}", "images.tar": "must use {shard} and/or {n}",
+             "{0}.tar": "must use {shard} and/or {n}", "../{shard}.tar": "inside the images location",
+             "/abs/{n}.tar": "inside the images location", "{shard}.zip": "must name a .tar",
+             "{shard.tar": "does not parse"}
+    for pattern, reason in cases.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            SourceConfig("mmc4", "docs", "images", images_pattern=pattern)
+    with pytest.raises(ValueError, match="needs the source's images location"):
+        SourceConfig("mmc4", "docs", None, images_pattern="{shard}.tar")
+
+    # {n} on a shard whose name has no shard_<N>: the plan fails naming it; nothing is written.
+    (tmp_path / "data/docs").mkdir(parents=True)
+    (tmp_path / "data/docs/crawl_a.jsonl").write_text("{}\n")
+    cfg = PrecomputeConfig(flavor="debug", data_root=str(tmp_path / "data"), output=str(tmp_path / "store"),
+                           sources={"mmc4": SourceConfig("mmc4", "docs", "images", "shard_{n}.tar")},
+                           synthetic=dataclasses.replace(MMC4_ONLY, enabled=False))
+    with pytest.raises(ValueError, match=r"shard .*crawl_a\.jsonl has no 'shard_<number>'.*\{shard\}"):
+        run_precompute(cfg)
+    assert not (tmp_path / "store").exists()
+    fixed = dataclasses.replace(cfg, sources={"mmc4": SourceConfig("mmc4", "docs", "images", "{shard}.tar")})
+    assert [SourceConfig.images_tar(fixed.sources["mmc4"], t.uri) for t in latents.plan_shards(fixed)] == [
+        "crawl_a.tar"]
+    tally(bad_inputs=len(cases) + 2)
