@@ -262,13 +262,21 @@ def build_pipeline(cfg: PrecomputeConfig, pending: list[ShardTask], plan: PoolPl
     # actor pool: decoding would then run inside the few (GPU) actors, one shard at a time.
     ds = ds.map_batches(read_shard, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=plan.read_cpus,
                         memory=READ_TASK_MEMORY)
-    return ds.map_batches(VaeEncoder, batch_size=cfg.encoder.batch_size,
+    return encoder_stage(ds, VaeEncoder, cfg, plan)
+
+
+def encoder_stage(ds, encoder_cls, cfg: PrecomputeConfig, plan: PoolPlan, **map_kwargs):
+    """`ds` through the encoder actor pool `plan` sizes (the precompute's and the streaming mode's)."""
+    import ray
+
+    return ds.map_batches(encoder_cls, batch_size=cfg.encoder.batch_size,
                           compute=ray.data.ActorPoolStrategy(size=plan.size),
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
                           fn_constructor_kwargs={"flavor": cfg.flavor, "decoder": cfg.decoder, "st": cfg.storage,
                                                  "batch_size": cfg.encoder.batch_size,
                                                  "autocast": cfg.encoder.autocast,
-                                                 "num_threads": max(1, round(plan.cpus_per_actor))})
+                                                 "num_threads": max(1, round(plan.cpus_per_actor))},
+                          **map_kwargs)
 
 
 def run_precompute(cfg: PrecomputeConfig) -> Summary:

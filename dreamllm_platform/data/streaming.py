@@ -30,7 +30,7 @@ from ..runtime import Resources
 from .assembly import ROWS_PER_BATCH, _builder, example_schema, shard_record_examples
 from .config import AssemblyConfig, PrecomputeConfig
 from .filters import Report
-from .latents import READ_TASK_MEMORY, PoolPlan, VaeEncoder, plan_pool, plan_shards, read_shard
+from .latents import READ_TASK_MEMORY, PoolPlan, VaeEncoder, encoder_stage, plan_pool, plan_shards, read_shard
 
 
 def plan_streaming_pool(res: Resources, cfg: PrecomputeConfig, trainer_gpus: float, num_sources: int) -> PoolPlan:
@@ -122,13 +122,7 @@ def streaming_dataset(cfg: PrecomputeConfig, source: str, model_cfg: DreamLLMCon
     ds = ds.map_batches(read_examples, batch_size=1, num_cpus=plan.read_cpus, memory=READ_TASK_MEMORY,
                         fn_kwargs={"cfg": cfg, "assembly": assembly, "model_cfg_json": model_json,
                                    "reports": reports})
-    return ds.map_batches(ExampleEncoder, batch_size=cfg.encoder.batch_size, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=plan.size),
-                          num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
-                          fn_constructor_kwargs={"flavor": cfg.flavor, "decoder": cfg.decoder, "st": cfg.storage,
-                                                 "batch_size": cfg.encoder.batch_size,
-                                                 "autocast": cfg.encoder.autocast,
-                                                 "num_threads": max(1, round(plan.cpus_per_actor))})
+    return encoder_stage(ds, ExampleEncoder, cfg, plan, batch_format="pyarrow")
 
 
 class _Reports:
