@@ -290,7 +290,7 @@ RAYJOB_SPEC_FIELDS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec",
 RAYSERVICE_SPEC_FIELDS = {"serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
                           "excludeHeadPodFromServeSvc"}
 CLUSTER_FIELDS = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
-                  "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions"}
+                  "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions", "authOptions"}
 HEAD_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
 WORKER_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
                  "scaleStrategy", "suspend", "idleTimeoutSeconds"}
@@ -355,8 +355,18 @@ def test_kuberay_pod_templates_validate_against_kubernetes_schema(path):
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
         kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
         for c in template["spec"]["containers"]:
+            # KubeRay's authOptions sets RAY_AUTH_MODE and RAY_AUTH_TOKEN; a container's own would fight it.
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
-            assert env.get("RAY_AUTH_MODE"), f"{path.name}/{group}: set RAY_AUTH_MODE explicitly"
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), f"{path.name}/{group}: auth is authOptions'"
+
+
+@pytest.mark.parametrize("path", [RAYJOB, RAYSERVICE], ids=lambda p: p.name)
+def test_kuberay_clusters_require_rays_token_authentication(path):
+    cluster = _cluster(next(d for d in _docs(path) if d["apiVersion"] == "ray.io/v1"))
+    assert cluster.get("authOptions") == {"mode": "token"}, f"{path.name}: Ray's ports need token auth"
+    major, minor = (int(x) for x in cluster["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52), f"{path.name}: token auth needs Ray >= 2.52 (rayVersion {cluster['rayVersion']})"
+    assert "KubeRay >= 1.5.1" in path.read_text(), f"{path.name}: say the KubeRay version authOptions needs"
 
 
 @pytest.mark.parametrize("path", [INFRA / "mlflow.yaml", INFRA / "namespace.yaml", INFRA / "networkpolicy.yaml"],
