@@ -306,6 +306,35 @@ class RunLogger:
             self._failed(e)
             self.outage["skipped_images"] += 1
 
+    def artifact(self, data: bytes, artifact_file: str) -> str | None:
+        """Log `data` (a figure's PNG) as `artifact_file`; returns its URI, or None after one warning when it
+        could not be logged (a figure is never worth a failed run; counted in an outage like an image)."""
+        import tempfile
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                path.write_bytes(data)
+                folder = str(Path(artifact_file).parent)
+                with _quick_http() if self.resilient else contextlib.nullcontext():
+                    self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+                    root = self.client.get_run(self.run_id).info.artifact_uri
+            return f"{root.rstrip('/')}/{artifact_file}"
+        except Exception as e:  # noqa: BLE001
+            if self.resilient:
+                self._failed(e)
+                self.outage["skipped_images"] += 1
+            print(f"[tracking] warning: {artifact_file} not logged ({type(e).__name__}: {str(e)[:200]})",
+                  file=sys.stderr, flush=True)
+            return None
+
+    def metric_keys(self) -> list[str]:
+        return list(self.client.get_run(self.run_id).data.metrics)
+
+    def metric_histories(self, keys) -> dict[str, list[tuple[int, float]]]:
+        """key -> [(step, value)] of every value the run logged (read back from MLflow)."""
+        return {k: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)] for k in keys}
+
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

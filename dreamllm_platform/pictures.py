@@ -1,0 +1,101 @@
+"""Pictures of a run: its loss curves and a captioned grid of the images it created.
+
+Owns: which metrics are losses (`loss_keys`), the loss-curve figure (`loss_curves_png`: one panel per
+metric group, the part of a key before `/`, x = step), the grid of created images with each prompt as a
+caption under its cell (`image_grid_png`, PIL), and `log_run_pictures`, which reads a run's metric
+history back through its `tracking.RunLogger` and logs both as artifacts under `plots/`. A failure to
+plot (no metrics yet, a tracking outage) is a warning: pictures never fail a run.
+
+matplotlib and PIL are imported inside the functions (Agg backend: no display).
+"""
+from __future__ import annotations
+
+import io
+import sys
+import textwrap
+from typing import Mapping, Sequence
+
+LOSS_WORDS = frozenset({"loss", "mse", "kl"})
+"""A metric is a loss when one of the `_`-separated words of its last `/` part is one of these."""
+LOSS_FILE = "plots/loss.png"
+GRID_FILE = "plots/samples_grid.png"
+
+
+def loss_keys(keys) -> list[str]:
+    """The loss metrics among `keys`, sorted (`loss`, `vae/recon_mse`, `unet/loss`; not `lr`, `grad_norm`)."""
+    return sorted(k for k in keys if LOSS_WORDS & set(k.rsplit("/", 1)[-1].lower().split("_")))
+
+
+def loss_curves_png(histories: Mapping[str, Sequence[tuple[int, float]]], title: str = "") -> bytes:
+    """PNG of the loss curves: one panel per group (the key's part before `/`), one line per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not histories:
+        raise ValueError("no loss metrics to plot")
+    groups: dict[str, dict] = {}
+    for key in sorted(histories):
+        group, _, name = key.rpartition("/")
+        groups.setdefault(group, {})[name] = sorted(histories[key])
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False)
+    for ax, (group, series) in zip(axes[0], groups.items()):
+        for name, points in series.items():
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o" if len(points) < 20 else None,
+                    markersize=3, label=name)
+        ax.set_title(group or "losses")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def image_grid_png(images: Sequence, captions: Sequence[str], columns: int = 4, cell: int = 160) -> bytes:
+    """PNG of the images in rows of `columns`, each scaled to `cell` pixels, its caption wrapped under it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not images or len(images) != len(captions):
+        raise ValueError(f"a grid needs one caption per image, got {len(images)} images, {len(captions)} captions")
+    font = ImageFont.load_default()
+    wrapped = [textwrap.wrap(c, width=max(8, cell // 7))[:4] for c in captions]
+    text_h = 12 * max(len(w) for w in wrapped) + 6
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 3, y + cell + 3 + 12 * j), line, fill="black", font=font)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def log_run_pictures(log, images: Sequence = (), captions: Sequence[str] = (), title: str = "") -> dict[str, str]:
+    """Log the run's loss curves (from its metric history in MLflow) and, given images, their grid; returns
+    {artifact file: URI} of what was logged. Every failure is one warning line, never an exception."""
+    logged = {}
+    try:
+        png = loss_curves_png(log.metric_histories(loss_keys(log.metric_keys())), title)
+        uri = log.artifact(png, LOSS_FILE)
+        if uri:
+            logged[LOSS_FILE] = uri
+    except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
+        print(f"[tracking] warning: no loss curves for this run ({type(e).__name__}: {e})", file=sys.stderr)
+    if images:
+        try:
+            uri = log.artifact(image_grid_png(list(images), list(captions)), GRID_FILE)
+            if uri:
+                logged[GRID_FILE] = uri
+        except Exception as e:  # noqa: BLE001
+            print(f"[tracking] warning: no sample grid for this run ({type(e).__name__}: {e})", file=sys.stderr)
+    return logged
