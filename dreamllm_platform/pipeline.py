@@ -39,7 +39,7 @@ from . import storage
 from .config import deep_merge, load_config
 from .data.config import PrecomputeConfig, SyntheticConfig
 from .storage import StorageConfig
-from .tracking import TrackingConfig, tracking_uri
+from .tracking import TrackingConfig, artifact_location, tracking_uri
 
 STATE_FILE = "pipeline.json"
 
@@ -273,7 +273,8 @@ def _stage(stage: str, previous: str | None):
         cfg = dataclasses.replace(cfg, run_name=f"{cfg.run_name}-{results['_key'][:8]}")
         r = run_stage(cfg)
         return {"export": r.export_uri, "checkpoint": r.checkpoint, "run_name": r.run_name,
-                "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics)}
+                "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics),
+                "pictures": artifact_location(cfg.tracking, r.mlflow_run_id, "plots")}
     return run
 
 
@@ -363,7 +364,8 @@ class Step:
 
 def _stage_step(stage: str, previous: str | None, title: str) -> Step:
     return Step(stage, title, lambda c: c.stages[stage], _stage(stage, previous),
-                lambda r: [(f"{stage} export (checkpoint)", r["export"]), (f"{stage} MLflow run", r["mlflow_run_id"])])
+                lambda r: [(f"{stage} export (checkpoint)", r["export"]), (f"{stage} MLflow run", r["mlflow_run_id"]),
+                           (f"{stage} pictures (plots/loss.png, plots/samples_grid.png)", r.get("pictures", "-"))])
 
 
 def _serve_summary(r: dict) -> list[tuple[str, str]]:

@@ -342,6 +342,11 @@ class RunLogger:
         return dict(self.client.get_run(self.run_id).data.tags)
 
 
+def artifact_location(cfg: TrackingConfig, run_id: str, path: str) -> str:
+    """Where `path` under the run's artifacts is (a folder on disk for the embedded store), for printouts."""
+    return f"{client(cfg).get_run(run_id).info.artifact_uri}/{path}"
+
+
 def run_exists(cfg: TrackingConfig, run_id: str | None) -> bool:
     """Whether `run_id` is a run of this tracking store (a checkpoint may come from another store)."""
     from mlflow.exceptions import MlflowException

@@ -28,6 +28,7 @@ from .. import storage
 from ..checkpoints import export_checkpoint, flavor_config, load_model
 from ..data.assembly import ExampleCollator
 from ..mlflow_tags import CHECKPOINT_URI_TAG, STAGE_TAG
+from ..pictures import log_run_pictures
 from ..tracking import RunLogger
 from .config import TrainConfig
 from .worker import MetricWindow, WorkerContext, lr_factor, report_checkpoint
@@ -275,12 +276,14 @@ def train_loop(config: dict) -> None:
         if step % cfg.checkpoint.every_n_steps == 0 or last:
             _save_and_report(engine, ctx, {"step": step, "seen": seen, "batches": batches.state()}, sums)
 
-    _log_samples(engine, cfg, log, step, rank)
+    final_samples = _log_samples(engine, cfg, log, step, rank)
     export_uri = cfg.checkpoint.export_uri or storage.join(_run_dir(cfg), "export")
     _export(engine, cfg, export_uri, config["run_id"], step, rank)
     if rank == 0:
         log.tags({CHECKPOINT_URI_TAG: export_uri, STAGE_TAG: cfg.stage})
         log.close()  # what an outage kept, and the export's tag, which the registry reads
+        # After close: the curves read the run's whole metric history back from MLflow.
+        log_run_pictures(log, *final_samples, title=f"{cfg.stage} ({cfg.run_name})")
         print(f"[train] exported the {cfg.stage} checkpoint to {export_uri}", flush=True)
 
 
@@ -330,16 +333,18 @@ def _export(engine, cfg: TrainConfig, uri: str, run_id: str, step: int, rank: in
         torch.distributed.barrier()
 
 
-def _log_samples(engine, cfg: TrainConfig, log, step: int, rank: int) -> None:
-    """A few images from fixed prompts, logged as run artifacts (ZeRO-3 shards weights: skipped)."""
+def _log_samples(engine, cfg: TrainConfig, log, step: int, rank: int) -> tuple[list, list[str]]:
+    """A few images from fixed prompts and the stage's seed (the same in every stage, so stages compare),
+    logged as run artifacts; returns (images, prompts) (ZeRO-3 shards weights: none)."""
     if rank != 0 or cfg.deepspeed.zero_stage == 3 or not cfg.tracking.sample_images:
-        return
+        return [], []
     model: DreamLLM = engine.module
     prompts = list(cfg.sample_prompts)[:cfg.tracking.sample_images]
     images = text_to_image(model, prompts, ImageSampling(num_inference_steps=10, seed=cfg.seed))
     model.train()
     for i, img in enumerate(images):
         log.image(img, f"samples/step_{step:07d}_{i}.png")
+    return images, prompts
 
 
 def _maybe_fail(fail_at_step: int | None, step: int, rank: int, world: int, cfg: TrainConfig) -> None:

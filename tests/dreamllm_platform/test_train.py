@@ -1,6 +1,7 @@
 """Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, debug flavor, on a real latent store and sqlite MLflow."""
 import pytest
 import torch
+from PIL import Image
 
 from dreamllm.checkpoint import load_checkpoint
 from dreamllm.config import get_flavor
@@ -54,6 +55,12 @@ def test_three_stages_chain_through_their_exports_and_are_tracked(workdir):
             assert len(history(cfg, r.mlflow_run_id, key)) == 3, key
         artifacts = [a.path for a in client(cfg.tracking).list_artifacts(r.mlflow_run_id, "samples")]
         assert artifacts, "no sample images logged"
+        # the run's pictures: its loss curves and the grid of its final samples (the same prompts each stage)
+        plots = {a.path for a in client(cfg.tracking).list_artifacts(r.mlflow_run_id, "plots")}
+        assert plots == {"plots/loss.png", "plots/samples_grid.png"}, plots
+        grid = Image.open(client(cfg.tracking).download_artifacts(r.mlflow_run_id, "plots/samples_grid.png",
+                                                                  str(workdir)))
+        assert grid.format == "PNG" and grid.width == 160 and grid.height > 160, grid.size  # one cell + caption
 
     models = {s: load_checkpoint(u) for s, u in exports.items()}
     assert [m.stage for m in models.values()] == ["align", "igpt", "sft"]

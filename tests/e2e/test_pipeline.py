@@ -69,6 +69,10 @@ def test_every_step_runs_and_the_summary_says_where_outputs_are(first_run):
     for path in (steps["towers"]["result"]["towers"], steps["latents"]["result"]["store"],
                  steps["sft"]["result"]["export"], steps["serve"]["result"]["created_image"]):
         assert path in r.stdout and Path(path).exists(), path
+    for stage in ("align", "igpt", "sft"):  # each stage's pictures, named in the summary
+        plots = steps[stage]["result"]["pictures"]
+        assert plots in r.stdout, plots
+        assert {p.name for p in Path(plots.removeprefix("file://")).iterdir()} == {"loss.png", "samples_grid.png"}
     # The towers the stages were trained with are the pretrained ones, inside the exported checkpoint.
     ckpt = json.loads((Path(steps["sft"]["result"]["export"]) / "dreamllm.json").read_text())
     assert ckpt["stage"] == "sft" and ckpt["config"]["flavor"] == "debug"
