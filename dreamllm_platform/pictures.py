@@ -36,6 +36,7 @@ def loss_curves_png(histories: Mapping[str, Sequence[tuple[int, float]]], title:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not histories:
         raise ValueError("no loss metrics to plot")
@@ -52,6 +53,7 @@ def loss_curves_png(histories: Mapping[str, Sequence[tuple[int, float]]], title:
                     markersize=3, label=name)
         ax.set_title(group or "losses")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
