@@ -1,4 +1,4 @@
-# The two commands a newcomer types (see README.md): `make pipeline` and `make test`.
+# The two commands a newcomer types (see README.md): `make pipeline` and `make test`; `make ui` shows what ran.
 # Each creates the virtual environment on first use (pinned CPU stack, ~2-3 min).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv chromium pipeline demo test bench clean
+.PHONY: venv chromium pipeline demo ui test bench clean
 
 venv: $(BIN)/.installed
 
@@ -32,6 +32,12 @@ pipeline: venv
 demo: venv
 	@mkdir -p .tmp
 	$(BIN)/python jobs/demo.py
+
+# The MLflow UI on the pipeline's store (outputs/pipeline/mlflow.db) and the Ray dashboard's address;
+# Ctrl-C stops it. UI_ARGS passes settings: make ui UI_ARGS="--set port=5001".
+ui: venv
+	@mkdir -p .tmp
+	$(BIN)/python jobs/ui.py $(UI_ARGS)
 
 # The playground's browser tests drive Debian's Chromium through Playwright (which must not download a
 # browser of its own): install it when missing, as root (CI) or with password-less sudo, else stop here.

@@ -196,23 +196,32 @@ def _global_tracking_uri(uri: str):
 
 
 def log_version_evaluation(cfg: TrackingConfig, version: str, metrics: Mapping[str, float],
-                           params: Mapping[str, Any], tags: Mapping[str, str], tag_prefix: str) -> str:
-    """Record an evaluation of a version; returns the evaluation run's id.
+                           params: Mapping[str, Any], tags: Mapping[str, str], tag_prefix: str,
+                           figures: Mapping[str, bytes] | None = None) -> tuple[str, dict[str, str]]:
+    """Record an evaluation of a version; returns the evaluation run's id and {file: URI} of the figures
+    logged on it.
 
-    A run `evaluate-<name>-v<version>` gets the params and the metrics, the
-    metrics linked to the version's logged model (MLflow 3 `model_id`); the
-    version gets `<tag_prefix><metric>` tags plus `tags`, which is what the
-    promotion gate reads.
+    A run `evaluate-<name>-v<version>` gets the params, the metrics, the
+    metrics linked to the version's logged model (MLflow 3 `model_id`), and
+    `figures` ({artifact file: PNG}) as artifacts (one that fails is a warning:
+    the gate does not read them); the version gets `<tag_prefix><metric>`
+    tags plus `tags`, which is what the promotion gate reads.
     """
     mv = get_version(cfg, version)
     c = client(cfg)
+    logged = {}
     with tracking.run(cfg, f"evaluate-{cfg.registered_model}-v{mv.version}-{int(_now_ms())}",
                       params=params, tags={MODEL_VERSION_TAG: mv.version}) as (run_id, _):
         for k, v in metrics.items():
             c.log_metric(run_id, k, float(v), model_id=mv.model_id)
+        log = tracking.RunLogger(cfg, run_id)
+        for path, png in (figures or {}).items():
+            uri = log.artifact(png, path)
+            if uri:
+                logged[path] = uri
     set_version_tags(cfg, mv.version, {**{f"{tag_prefix}{k}": repr(float(v)) for k, v in metrics.items()},
                                        **tags, f"{tag_prefix}run_id": run_id})
-    return run_id
+    return run_id, logged
 
 
 def _now_ms() -> float:

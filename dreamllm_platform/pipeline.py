@@ -130,8 +130,9 @@ def _local(uri: str) -> bool:
     return not storage.is_remote(uri)
 
 
-def resolved_tracking(cfg: PipelineConfig) -> TrackingConfig:
-    """The pipeline's MLflow: the configured one, else sqlite inside a local root."""
+def resolved_tracking(cfg) -> TrackingConfig:
+    """The pipeline's MLflow: the configured one, else sqlite inside a local root (`cfg`: the pipeline's
+    config, or any with its `root` and `tracking`: the UI job's, which opens that store)."""
     if cfg.tracking.tracking_uri or not _local(cfg.root):
         return cfg.tracking
     db = storage.local_path(cfg.root) / "mlflow.db"
@@ -251,7 +252,8 @@ def _step_towers(c: StepConfigs, results: dict) -> dict:
 
     cfg = dataclasses.replace(c.towers, run_name=f"dreamllm-towers-{c.cfg.flavor}-{results['_key'][:8]}")
     r = run_towers_pretraining(cfg)
-    return {"towers": r.output, "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics)}
+    return {"towers": r.output, "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics),
+            "pictures": _pictures(cfg.tracking, r.mlflow_run_id)}
 
 
 def _step_latents(c: StepConfigs, _: dict) -> dict:
@@ -274,8 +276,14 @@ def _stage(stage: str, previous: str | None):
         r = run_stage(cfg)
         return {"export": r.export_uri, "checkpoint": r.checkpoint, "run_name": r.run_name,
                 "mlflow_run_id": r.mlflow_run_id, "metrics": _floats(r.metrics),
-                "pictures": artifact_location(cfg.tracking, r.mlflow_run_id, "plots")}
+                "pictures": _pictures(cfg.tracking, r.mlflow_run_id)}
     return run
+
+
+def _pictures(track: TrackingConfig, run_id: str | None) -> str:
+    """The plots/ folder of a run's artifacts (`pictures`), or "-" when the run is unknown (towers that an
+    older version finished without naming their run)."""
+    return artifact_location(track, run_id, "plots") if run_id else "-"
 
 
 def _step_register(c: StepConfigs, results: dict) -> dict:
@@ -289,7 +297,8 @@ def _step_evaluate(c: StepConfigs, results: dict) -> dict:
     from .evaluation import run_evaluation
 
     r = run_evaluation(dataclasses.replace(c.evaluate, model=results["register"]["ref"]))
-    return {"metrics": _floats(r.metrics), "skipped": r.skipped, "heldout": c.paths["heldout"]}
+    return {"metrics": _floats(r.metrics), "skipped": r.skipped, "heldout": c.paths["heldout"],
+            "mlflow_run_id": r.run_id, "pictures": r.pictures}
 
 
 def _step_promote(c: StepConfigs, results: dict) -> dict:
@@ -378,7 +387,8 @@ STEPS: tuple[Step, ...] = (
     Step("synthetic", "write the synthetic shards", lambda c: c.cfg.synthetic, _step_synthetic,
          lambda r: [("synthetic data", r["data_root"])]),
     Step("towers", "pretrain the towers (VAE, UNet, CLIP vision, LLM)", lambda c: c.towers, _step_towers,
-         lambda r: [("trained towers", r["towers"]), ("towers MLflow run", r["mlflow_run_id"])]),
+         lambda r: [("trained towers", r["towers"]), ("towers MLflow run", r["mlflow_run_id"]),
+                    ("towers pictures (plots/loss.png, plots/samples_grid.png)", r.get("pictures", "-"))]),
     Step("latents", "precompute VAE latents", lambda c: c.latents, _step_latents,
          lambda r: [("latent store", r["store"])]),
     _stage_step("align", None, "stage I: alignment"),
@@ -387,7 +397,8 @@ STEPS: tuple[Step, ...] = (
     Step("register", "register the candidate", lambda c: None, _step_register,
          lambda r: [("registered model version", r["ref"])]),
     Step("evaluate", "evaluate the candidate", lambda c: c.evaluate, _step_evaluate,
-         lambda r: [("evaluation", ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())))]),
+         lambda r: [("evaluation", ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))),
+                    *[(f"evaluation figure ({f})", uri) for f, uri in sorted(r.get("pictures", {}).items())]]),
     Step("promote", "promote through the gate", lambda c: c.registry.gate, _step_promote,
          lambda r: [("champion version", f"v{r['champion']}")]),
     Step("serve", "serve and call the API", lambda c: None, _step_serve, _serve_summary, always=True),

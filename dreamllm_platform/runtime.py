@@ -7,9 +7,10 @@ filtered out, Ray Data's progress and INFO lines in its log file only, the log
 directory printed; progress lines, errors and Ray's warnings stay: see
 `quiet_console`), `cluster_resources()`, which pipelines use to size actor
 pools so that read tasks are never starved (ENVIRONMENT.md: the 2-CPU
-actor-pool hang), and
+actor-pool hang),
 `sigterm_raises()`, under which a driver's clean-up runs when the job is stopped,
-and `serve_until_stopped()` for jobs whose local Ray must outlive their API.
+`serve_until_stopped()` for jobs whose local Ray must outlive their API, and `running_rays()`, the Rays
+running on this machine and their dashboards (the local Ray of `init_ray` has none: `include_dashboard=False`).
 """
 from __future__ import annotations
 
@@ -93,6 +94,63 @@ def _answers(address: str, timeout_s: float = 2.0) -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+@dataclass(frozen=True)
+class RunningRay:
+    """A Ray running on this machine: its GCS address, and its dashboard's URL (None: it has none)."""
+
+    address: str
+    dashboard: str | None
+
+
+DASHBOARD_HINT = ("ray start --head --include-dashboard=true --dashboard-host=127.0.0.1  "
+                  "(the jobs then run on it, as on any cluster `ray start` recorded; `ray stop` ends it)")
+"""How to get a Ray with a dashboard: the jobs' own local Ray starts without one (a process and a port
+fewer on a 2-core machine)."""
+
+
+def running_rays() -> list[RunningRay]:
+    """The Rays that answer on this machine (RAY_ADDRESS when it is host:port, the cluster `ray start`
+    recorded, the GCS servers `ps` shows: other jobs' local Rays), each with the URL of its dashboard when
+    one serves it. Reads only: joins none."""
+    from ray._private import services
+    from ray._raylet import GcsClient
+
+    candidates = [os.environ.get("RAY_ADDRESS", ""), recorded_cluster() or ""]
+    try:
+        candidates += sorted(services.find_gcs_addresses())
+    except Exception:  # noqa: BLE001 - ps missing or unreadable: only the recorded ones
+        pass
+    found = []
+    for address in dict.fromkeys(a for a in candidates if a and "://" not in a):
+        if not _answers(address):  # a stopped cluster's record, or a Ray out of reach: GcsClient waits 30 s
+            continue
+        try:
+            gcs = GcsClient(address=address)
+            url = gcs.internal_kv_get(b"dashboard", b"dashboard", timeout=2)
+            session = gcs.internal_kv_get(b"session_name", b"session", timeout=2)
+        except Exception:  # noqa: BLE001 - not a GCS after all, or it stopped meanwhile
+            continue
+        found.append(RunningRay(address, _dashboard(url.decode() if url else "", session)))
+    return found
+
+
+def _dashboard(address: str, session: bytes | None) -> str | None:
+    """The dashboard URL when it serves this Ray: a Ray without one (`include_dashboard=False`) still records
+    the address it would have used, where another Ray's dashboard may answer; its session name tells."""
+    import json
+    import urllib.request
+
+    if not address:
+        return None
+    url = address if "://" in address else f"http://{address}"
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+            served = json.loads(r.read()).get("session_name")
+    except (OSError, ValueError):
+        return None
+    return url if session and served == session.decode() else None
 
 
 # ---------------------------------------------------------------- quiet console

@@ -47,12 +47,14 @@ class TrackingConfig:
     """Generated sample images logged per evaluation interval."""
 
 
-def tracking_uri(cfg: TrackingConfig) -> str:
-    """The tracking URI, with a relative sqlite path made absolute (Ray workers have another cwd)."""
+def tracking_uri(cfg: TrackingConfig, create: bool = True) -> str:
+    """The tracking URI, with a relative sqlite path made absolute (Ray workers have another cwd) and, with
+    `create`, its folder made (a reader such as the UI job creates nothing)."""
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///"):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{path}"
     return uri
 

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     print(f"  held-out set         {cfg.heldout.root} (digest {r.dataset_digest})")
     if r.run_id:
         print(f"  logged on version    {r.version} (tags dreamllm.eval.*), MLflow run {r.run_id}")
+        for f, uri in sorted(r.pictures.items()):
+            print(f"  figure               {uri}")
     else:
         print("  not logged: the model is a checkpoint URI, not a registry reference")
     return 0

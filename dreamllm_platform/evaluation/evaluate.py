@@ -7,7 +7,9 @@ timesteps for every model), question-answering exact-match accuracy
 CLIP score (images generated from held-out captions with a fixed seed per
 caption, FID against the held-out images), and `run_evaluation`, which
 loads the model a config names, evaluates it and logs the metrics on its
-version (through `dreamllm_platform.model_registry`).
+version (through `dreamllm_platform.model_registry`), with the evaluation's
+figures on its run (`pictures.evaluation_pictures`: plots/metrics.png, and
+plots/samples_grid.png of the images it created for FID and CLIP score).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .. import model_registry
 from ..checkpoints import load_model
 from ..config import to_flat_dict
 from ..mlflow_tags import EVAL_SET_TAG, EVAL_TAG_PREFIX
+from ..pictures import evaluation_pictures
 from .config import EvalConfig
 from .heldout import HeldOut, load_heldout
 from .metrics import ClipScorer, InceptionFeatures, exact_match, frechet_distance
@@ -40,6 +43,8 @@ class EvalResult:
     version: str | None
     run_id: str | None
     seconds: float
+    pictures: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Figure file (plots/metrics.png, plots/samples_grid.png) -> its URI on the evaluation run."""
 
 
 @torch.no_grad()
@@ -101,8 +106,9 @@ def create_images(model, captions: list[str], guidance_scale: float, steps: int,
     return made
 
 
-def text_to_image_metrics(model, pairs, cfg: EvalConfig) -> tuple[dict[str, float], dict[str, str]]:
-    """FID (generated vs held-out images) and CLIP score (generated images vs their captions)."""
+def text_to_image_metrics(model, pairs, cfg: EvalConfig) -> tuple[dict[str, float], dict[str, str], list]:
+    """FID (generated vs held-out images) and CLIP score (generated images vs their captions); also returns
+    the (caption, created image) pairs (none when neither metric is computed)."""
     f, skipped = cfg.features, {}
     if not f.inception:
         skipped["fid"] = "features.inception is not set"
@@ -110,9 +116,9 @@ def text_to_image_metrics(model, pairs, cfg: EvalConfig) -> tuple[dict[str, floa
         skipped["clip_score"] = "features.clip is not set"
     n = min(cfg.text_to_image, len(pairs))
     if n < 2:
-        return {}, {"fid": "fewer than 2 held-out pairs", "clip_score": "fewer than 2 held-out pairs"}
+        return {}, {"fid": "fewer than 2 held-out pairs", "clip_score": "fewer than 2 held-out pairs"}, []
     if len(skipped) == 2:
-        return {}, skipped
+        return {}, skipped, []
     captions, reals = [c for c, _ in pairs[:n]], [im for _, im in pairs[:n]]
     made = create_images(model, captions, cfg.guidance_scale, cfg.image_steps, cfg.seed, cfg.batch_size)
     out = {}
@@ -121,17 +127,17 @@ def text_to_image_metrics(model, pairs, cfg: EvalConfig) -> tuple[dict[str, floa
         out["fid"] = frechet_distance(net(made), net(reals))
     if f.clip:
         out["clip_score"] = ClipScorer(f.clip, cfg.storage)(made, captions)
-    return out, skipped
+    return out, skipped, list(zip(captions, made))
 
 
-def evaluate_model(model, heldout: HeldOut, cfg: EvalConfig) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, skipped) of a loaded model on a loaded held-out set."""
-    metrics, skipped = {}, {}
+def evaluate_model(model, heldout: HeldOut, cfg: EvalConfig) -> tuple[dict[str, float], dict[str, str], list]:
+    """(metrics, skipped, the (caption, image) pairs it created) of a loaded model on a loaded held-out set."""
+    metrics, skipped, created = {}, {}, []
     model.eval()
     if heldout.pairs:
         metrics.update(validation_losses(model, heldout.pairs, cfg.batch_size, cfg.seed))
-        m, s = text_to_image_metrics(model, heldout.pairs, cfg) if cfg.text_to_image else \
-            ({}, {"fid": "text_to_image is 0", "clip_score": "text_to_image is 0"})
+        m, s, created = text_to_image_metrics(model, heldout.pairs, cfg) if cfg.text_to_image else \
+            ({}, {"fid": "text_to_image is 0", "clip_score": "text_to_image is 0"}, [])
         metrics.update(m)
         skipped.update(s)
     else:
@@ -140,7 +146,7 @@ def evaluate_model(model, heldout: HeldOut, cfg: EvalConfig) -> tuple[dict[str, 
         metrics["qa_exact_match"] = qa_exact_match(model, heldout.qa, cfg.answer_tokens)
     else:
         skipped["qa_exact_match"] = "no held-out questions"
-    return metrics, skipped
+    return metrics, skipped, created
 
 
 def settings_digest(heldout: HeldOut, cfg: EvalConfig) -> str:
@@ -163,11 +169,14 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(ref, device=device, tracking=track)
     heldout = load_heldout(cfg.heldout, cfg.storage)
-    metrics, skipped = evaluate_model(model, heldout, cfg)
+    metrics, skipped, created = evaluate_model(model, heldout, cfg)
     digest = settings_digest(heldout, cfg)
-    run_id = None
+    run_id, pictures = None, {}
     if version is not None:
         params = {k: v for k, v in to_flat_dict(cfg).items() if not k.startswith(("tracking.", "storage."))}
-        run_id = model_registry.log_version_evaluation(track, version, metrics, params, {EVAL_SET_TAG: digest},
-                                                       EVAL_TAG_PREFIX)
-    return EvalResult(metrics, skipped, digest, cfg.model, version, run_id, time.time() - start)
+        # Artifacts only: the gate reads the version's dreamllm.eval.* tags, which the figures add nothing to.
+        figures = evaluation_pictures(metrics, [im for _, im in created], [c for c, _ in created],
+                                      title=f"{track.registered_model} v{version}")
+        run_id, pictures = model_registry.log_version_evaluation(track, version, metrics, params,
+                                                                 {EVAL_SET_TAG: digest}, EVAL_TAG_PREFIX, figures)
+    return EvalResult(metrics, skipped, digest, cfg.model, version, run_id, time.time() - start, pictures)

@@ -1,7 +1,8 @@
 """The towers' output: sample images and their scores, the LLM's answers from context, and the folder.
 
 Owns: rank 0's end of the towers job: images from the fixed prompts (logged
-to MLflow and saved under samples/), `samples.scored` random synthetic
+to MLflow and saved under samples/), the run's pictures (`pictures.log_run_pictures`: each phase's loss
+curves and the grid of those images, under plots/), `samples.scored` random synthetic
 prompts scored by the scene judge (the decoder's own ceiling: colour, shape
 and position of what it draws from its own text encoder), the LLM's greedy
 answers to held-out synthetic questions with the caption in context (its
@@ -35,6 +36,7 @@ from .. import storage
 from ..checkpoints import DECODER_FILE
 from ..data.synthetic import Scene
 from ..mlflow_tags import TOWERS_URI_TAG
+from ..pictures import log_run_pictures
 from .objectives import sd_pipeline
 
 QA_SEED = 4242
@@ -45,9 +47,13 @@ QA_SEED = 4242
 def export_towers(worker, config: dict) -> None:
     """Rank 0: samples and scores, the output folder, decoder.json last."""
     cfg = worker.cfg
-    worker.metrics.update(_samples_and_save(worker))
+    metrics, images = _samples_and_save(worker)
+    worker.metrics.update(metrics)
     worker.log.metrics(worker.metrics, worker.step)
     worker.log.tags({TOWERS_URI_TAG: cfg.output})
+    # The phases' curves (vae/, unet/, vision/, llm/ losses over the steps), not the one-point final figures.
+    log_run_pictures(worker.log, images, list(cfg.samples.prompts), title=f"towers ({cfg.run_name})",
+                     groups=tuple(cfg.phases()))
     info = {"id": uuid.uuid4().hex, "flavor": cfg.flavor, "config_hash": worker.config_hash,
             "metrics": worker.metrics, "mlflow_run_id": worker.run_id, "tracking_uri": cfg.tracking.tracking_uri,
             "ray_run_name": cfg.run_name, "config": dataclasses.asdict(cfg)}
@@ -81,7 +87,8 @@ def llm_qa_accuracy(llm, texts, n: int, seed: int) -> dict[str, float]:
     return {f"llm_qa_{attr}_accuracy": h / max(1, n) for attr, h in hits.items()}
 
 
-def _samples_and_save(worker) -> dict:
+def _samples_and_save(worker) -> tuple[dict, list]:
+    """(the sample-score metrics, the images of the fixed prompts); the folder is uploaded to the output."""
     from ..evaluation.scenes import describe
 
     cfg, s = worker.cfg, worker.cfg.samples
@@ -100,7 +107,8 @@ def _samples_and_save(worker) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sample_dir = Path(tmp) / "samples"
         sample_dir.mkdir()
-        for i, (prompt, image) in enumerate(zip(s.prompts, create(list(s.prompts), cfg.seed))):
+        fixed = create(list(s.prompts), cfg.seed)
+        for i, image in enumerate(fixed):
             image.save(sample_dir / f"{i:02d}.png")
             worker.log.image(image, f"samples/{i:02d}.png")
         (sample_dir / "prompts.json").write_text(json.dumps(list(s.prompts), indent=1))
@@ -122,4 +130,4 @@ def _samples_and_save(worker) -> dict:
         if cfg.llm.steps:
             worker.llm.save_pretrained(Path(tmp) / "llm")
         storage.upload_dir(tmp, cfg.output, cfg.storage)
-    return metrics
+    return metrics, fixed

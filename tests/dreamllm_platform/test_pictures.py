@@ -5,7 +5,8 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
-from dreamllm_platform.pictures import GRID_FILE, LOSS_FILE, image_grid_png, log_run_pictures, loss_keys
+from dreamllm_platform.pictures import (GRID_FILE, LOSS_FILE, METRICS_FILE, evaluation_pictures, image_grid_png,
+                                        log_run_pictures, loss_keys)
 from dreamllm_platform.tracking import RunLogger, TrackingConfig, start_or_resume_run
 
 
@@ -37,3 +38,17 @@ def test_a_run_gets_its_loss_curves_and_grid_as_artifacts(tmp_path, capsys):
     empty, _ = start_or_resume_run(cfg, "empty")
     assert log_run_pictures(RunLogger(cfg, empty)) == {}
     assert "warning: no loss curves" in capsys.readouterr().err
+
+
+def test_an_evaluation_gets_a_panel_per_metric_and_the_grid_of_what_it_created(capsys):
+    images = [Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")]
+    figures = evaluation_pictures({"val_loss_lm": 2.5, "fid": 310.0, "qa_exact_match": 0.0}, images,
+                                  ["A red one.", "A blue one."], title="dreamllm v3")
+    assert set(figures) == {METRICS_FILE, GRID_FILE}
+    bars = Image.open(io.BytesIO(figures[METRICS_FILE]))
+    assert bars.format == "PNG" and abs(bars.width - 100 * (1.9 * 3 + 0.6)) <= 1, bars.size  # three panels
+    assert Image.open(io.BytesIO(figures[GRID_FILE])).width == 2 * 160
+    # No images created: the metrics alone; nothing to plot: a warning and no figure, never an exception.
+    assert set(evaluation_pictures({"val_loss_lm": 2.5})) == {METRICS_FILE}
+    assert evaluation_pictures({}) == {}
+    assert "warning: no plots/metrics.png" in capsys.readouterr().err

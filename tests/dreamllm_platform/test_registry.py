@@ -99,6 +99,15 @@ def test_register_evaluate_promote_refuse_force_rollback(env, capsys):
     assert set(m1) == {"val_loss_lm", "val_loss_diffusion", "qa_exact_match", "fid", "clip_score"}
     assert {m.key for m in c.get_logged_model(v1.model_id).metrics} == set(m1)
     assert c.get_run(v1.tags["dreamllm.eval.run_id"]).data.metrics["val_loss_lm"] == pytest.approx(m1["val_loss_lm"])
+    # ... and the evaluation's figures on its run (artifacts: no tag the gate reads), their paths printed
+    eval_run = v1.tags["dreamllm.eval.run_id"]
+    figures = {a.path for a in c.list_artifacts(eval_run, "plots")}
+    assert figures == {"plots/metrics.png", "plots/samples_grid.png"}, figures
+    bars = Image.open(c.download_artifacts(eval_run, "plots/metrics.png", str(env["dir"])))
+    assert bars.format == "PNG" and bars.width > 5 * 150, bars.size  # a panel per metric
+    grid = Image.open(c.download_artifacts(eval_run, "plots/samples_grid.png", str(env["dir"])))
+    assert grid.width == 3 * 160, grid.size  # the text_to_image=3 images it created
+    assert f"{c.get_run(eval_run).info.artifact_uri}/plots/metrics.png" in out
 
     # --- the first champion: no champion to compare with, every gate metric present
     assert promote([*S, "--who", "alice"]) == 0

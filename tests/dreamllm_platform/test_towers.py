@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from dreamllm.checkpoint import load_checkpoint
 from dreamllm.components import build_train_scheduler, build_unet, build_vae, encode_latent_dist
@@ -107,7 +108,7 @@ def test_output_loads_through_the_model_builders_and_as_a_pipeline(job):
 
 
 def test_losses_fall_on_a_tiny_set(job):
-    _, r, _ = job
+    _, r, tmp = job
     c = client(TrackingConfig(tracking_uri=r.tracking_uri))
     # Means over 10 steps each. The VAE leaves its first plateau (the mean colour, MSE ~0.45) slowly.
     for key, windows, factor in (("vae/recon_mse", 6, 0.9), ("unet/mse", 3, 0.7), ("vision/loss", 3, 0.9),
@@ -117,6 +118,14 @@ def test_losses_fall_on_a_tiny_set(job):
     assert c.get_run(r.mlflow_run_id).info.status == "FINISHED"
     artifacts = [a.path for a in c.list_artifacts(r.mlflow_run_id, "samples")]
     assert artifacts == ["samples/00.png"]
+    # The run's pictures, as a stage run's: one loss panel per phase (4.5 in at 100 dpi each: the vae/, unet/,
+    # vision/ and llm/ curves, not the one-point final figures) and the grid of the fixed prompt's sample.
+    plots = {a.path for a in c.list_artifacts(r.mlflow_run_id, "plots")}
+    assert plots == {"plots/loss.png", "plots/samples_grid.png"}, plots
+    loss = Image.open(c.download_artifacts(r.mlflow_run_id, "plots/loss.png", str(tmp)))
+    assert loss.format == "PNG" and loss.width == 4 * 450, loss.size
+    grid = Image.open(c.download_artifacts(r.mlflow_run_id, "plots/samples_grid.png", str(tmp)))
+    assert grid.width == 160 and grid.height > 160, grid.size  # one cell and its caption
 
 
 def test_a_corrupt_image_is_counted_and_skipped(job):

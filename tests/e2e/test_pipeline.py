@@ -69,10 +69,15 @@ def test_every_step_runs_and_the_summary_says_where_outputs_are(first_run):
     for path in (steps["towers"]["result"]["towers"], steps["latents"]["result"]["store"],
                  steps["sft"]["result"]["export"], steps["serve"]["result"]["created_image"]):
         assert path in r.stdout and Path(path).exists(), path
-    for stage in ("align", "igpt", "sft"):  # each stage's pictures, named in the summary
+    for stage in ("towers", "align", "igpt", "sft"):  # each training run's pictures, named in the summary
         plots = steps[stage]["result"]["pictures"]
         assert plots in r.stdout, plots
         assert {p.name for p in Path(plots.removeprefix("file://")).iterdir()} == {"loss.png", "samples_grid.png"}
+    # The evaluation's figure (its metrics; it created no images: text_to_image=0) on its run, named too.
+    figures = steps["evaluate"]["result"]["pictures"]
+    assert list(figures) == ["plots/metrics.png"], figures
+    assert figures["plots/metrics.png"] in r.stdout
+    assert Image.open(figures["plots/metrics.png"].removeprefix("file://")).format == "PNG"
     # The towers the stages were trained with are the pretrained ones, inside the exported checkpoint.
     ckpt = json.loads((Path(steps["sft"]["result"]["export"]) / "dreamllm.json").read_text())
     assert ckpt["stage"] == "sft" and ckpt["config"]["flavor"] == "debug"
