@@ -340,8 +340,8 @@ def _small() -> DreamLLMConfig:
     """The CPU demo: large enough to learn the bundled coloured-shapes task in minutes on 2 cores.
 
     Images are 32 px (the synthetic shapes stay legible: `evaluation.scenes.describe` reads 95-100% of them
-    right at 32 px), so the VAE downsamples only 2x and its 16x16 latents keep each shape's outline, and the
-    UNet, the cost of every creation step, stays small. The decoder has no pretrained weights offline: the
+    right at 32 px); the VAE downsamples 4x to 8x8 latents (each shape covers 2-4 latent pixels), so the UNet,
+    the cost of every creation step, stays small. The decoder has no pretrained weights offline: the
     pipeline trains it first (jobs/pretrain_towers.py); its loss favours the noisy timesteps, where the
     created image's colour and place are decided, as the decoder's own pretraining does.
     """
