@@ -45,8 +45,12 @@ from dreamllm_platform.data.synthetic import jpeg, write_synthetic  # noqa: E402
 from dreamllm_platform.runtime import init_ray  # noqa: E402
 
 
-def naive_loop(cfg: PrecomputeConfig) -> tuple[int, float]:
-    """Single process: each shard read, filtered, cropped and encoded in turn."""
+def naive_loop(cfg: PrecomputeConfig, store: LatentStore | None = None) -> tuple[int, float]:
+    """Single process: each shard read, filtered, cropped and encoded in turn.
+
+    With `store`, each shard is also committed there as the job commits it (latents, CLIP crops,
+    records, manifest): the whole job's work, for a baseline that ends with the same output.
+    """
     model = get_flavor(cfg.flavor)
     vae = build_vae(model.diffusion)
     R, B = model.diffusion.resolution, cfg.encoder.batch_size
@@ -54,10 +58,20 @@ def naive_loop(cfg: PrecomputeConfig) -> tuple[int, float]:
     for task in plan_shards(cfg):
         reader = ShardReader(resolved_sources(cfg)[task.source], task.uri, cfg.filters, R,
                              model.vision.image_size, cfg.storage)
-        crops = [np.frombuffer(i["vae_u8"], np.uint8).reshape(R, R, 3) for i in reader.images()]
+        imgs = list(reader.images())
+        crops = [np.frombuffer(i["vae_u8"], np.uint8).reshape(R, R, 3) for i in imgs]
+        rows = []
         for s in range(0, len(crops), B):
             x = torch.from_numpy(np.stack(crops[s:s + B]).astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2 - 1
-            encode_latent_dist(vae, x)
+            mean, logvar = encode_latent_dist(vae, x)
+            if store is not None:  # without a store, the loop measured before (the README's figures)
+                rows += [{"sha256": i["sha256"], "mean": m.numpy().astype(np.float16).tobytes(),
+                          "logvar": v.numpy().astype(np.float16).tobytes(), "clip_u8": i["clip_u8"]}
+                         for i, m, v in zip(imgs[s:s + B], mean, logvar)]
+        if store is not None:
+            store.commit(task.shard_id, source_uri=task.uri, fmt=cfg.sources[task.source].format,
+                         config_hash=task.config_hash, records=reader.records, latents=rows,
+                         report=reader.report.to_dict(), meta={"flavor": cfg.flavor})
         n += len(crops)
     return n, time.perf_counter() - t0
 

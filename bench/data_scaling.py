@@ -4,14 +4,15 @@ For each size (images) it writes a corpus in the real formats with the synthetic
 documents with their image tars, half img2dataset webdataset pairs, `--per-shard` images a shard, so
 1k / 10k / 100k images are 10 / 100 / 1000 shards), then, side by side on the same files:
 
-- the naive loop: one process reads, filters, crops and encodes shard after shard, with torch's
+- the naive loop: one process reads, filters, crops, encodes and commits to a latent store of its own
+  (the job's output: latents, CLIP crops, records, manifest) shard after shard, with torch's
   intra-op threads set to the pipeline's encoder threads (actors x threads each: the fair baseline),
   or to `--naive-threads` (e.g. all the cores, the strict one);
 - the Ray Data pipeline (`run_precompute`: read tasks + VAE actor pool) on a local Ray of `--cpus`
   CPUs, from a cold store (its actor start-up included, Ray's own start excluded).
 
 It prints images/s of both and their ratio, wall time, and the driver's and the Ray workers' peak
-resident memory (sampled every 0.2 s; workers: the sum over `ray::` processes), and at the end the
+resident memory (sampled every second; workers: the sum over `ray::` processes), and at the end the
 fit wall = start-up + per-shard cost x shards over the sizes (linear growth = a constant per-shard
 cost). `--storage s3` reads the same corpus from a loopback S3 server (moto) instead of local disk.
 Writes `scaling.json` into the work folder. A measurement, not a test: no pass/fail.
@@ -38,6 +39,7 @@ from bench.data_pipeline import naive_loop  # noqa: E402
 from dreamllm_platform.data.config import (EncoderConfig, FilterConfig, PrecomputeConfig, SourceConfig,  # noqa: E402
                                            SyntheticConfig)
 from dreamllm_platform.data.latents import plan_pool, plan_shards, run_precompute  # noqa: E402
+from dreamllm_platform.data.store import LatentStore  # noqa: E402
 from dreamllm_platform.data.synthetic import write_synthetic  # noqa: E402
 from dreamllm_platform.runtime import Resources, init_ray  # noqa: E402
 
@@ -62,7 +64,7 @@ class PeakRss:
                 if cmd.startswith("ray::") and p.info["memory_info"] is not None:
                     total += p.info["memory_info"].rss
             self.workers = max(self.workers, total)
-            time.sleep(0.2)
+            time.sleep(1.0)  # more often costs the measured processes CPU (and the naive loop its GIL)
 
     def __enter__(self):
         self._t.start()
@@ -128,14 +130,18 @@ def measure(size: int, storage: str, args, work: Path) -> dict:
     encoder_threads = plan.size * max(1, round(plan.cpus_per_actor))  # as latents.py gives each actor
     naive_threads = args.naive_threads or encoder_threads
     torch.set_num_threads(naive_threads)
+    naive_out = work / f"naive_store_{size}_{storage}"
+    shutil.rmtree(naive_out, ignore_errors=True)
     with PeakRss() as naive_mem:
-        n_naive, s_naive = naive_loop(cfg)
+        n_naive, s_naive = naive_loop(cfg, LatentStore(str(naive_out)))
     with PeakRss() as ray_mem:
         summary = run_precompute(cfg)
     n_ray, s_ray = summary.images_encoded, summary.seconds
+    stored = [sum(e["num_images"] for e in LatentStore(str(d)).manifest().values()) for d in (naive_out, out)]
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(naive_out, ignore_errors=True)
     row = dict(size=size, storage=storage, shards=shards, actors=plan.size, encoder_threads=encoder_threads,
-               naive_threads=naive_threads, naive_images=n_naive, naive_s=round(s_naive, 2),
+               naive_threads=naive_threads, naive_images=n_naive, naive_stored=stored[0], ray_stored=stored[1], naive_s=round(s_naive, 2),
                naive_ips=round(n_naive / s_naive, 1), ray_images=n_ray, ray_s=round(s_ray, 2),
                ray_ips=round(n_ray / s_ray, 1), ratio=round(s_naive / s_ray * n_ray / max(n_naive, 1), 3),
                driver_peak_mib=round(ray_mem.driver / MIB), workers_peak_mib=round(ray_mem.workers / MIB),

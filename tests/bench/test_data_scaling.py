@@ -27,6 +27,7 @@ def test_scaling_bench_encodes_the_same_images_on_both_sides_and_writes_its_figu
         ("local", 40, 2), ("local", 80, 4), ("s3", 40, 2), ("s3", 80, 4)]
     for r in rows:
         assert r["ray_images"] == r["naive_images"] >= 0.9 * r["size"], r  # a few fail the filters
+        assert r["ray_stored"] == r["naive_stored"] == r["ray_images"], r  # both stores hold every image
         assert r["ray_ips"] > 0 and r["naive_ips"] > 0 and r["driver_peak_mib"] > 0 and r["workers_peak_mib"] > 0
         assert r["naive_threads"] == r["encoder_threads"] >= 1
     assert "Ray wall =" in proc.stdout
