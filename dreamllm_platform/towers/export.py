@@ -54,6 +54,7 @@ def export_towers(worker, config: dict) -> None:
     # The phases' curves (vae/, unet/, vision/, llm/ losses over the steps), not the one-point final figures.
     log_run_pictures(worker.log, images, list(cfg.samples.prompts), title=f"towers ({cfg.run_name})",
                      groups=tuple(cfg.phases()))
+    worker.log.close()  # what an outage kept, and the towers tag the pipeline reads: sent before the finish mark
     info = {"id": uuid.uuid4().hex, "flavor": cfg.flavor, "config_hash": worker.config_hash,
             "metrics": worker.metrics, "mlflow_run_id": worker.run_id, "tracking_uri": cfg.tracking.tracking_uri,
             "ray_run_name": cfg.run_name, "config": dataclasses.asdict(cfg)}

@@ -118,7 +118,8 @@ class _Worker:
         self.metrics: dict = dict(self.state.get("metrics", {}))
         for name in PARTS:
             getattr(self, name).to(self.device)
-        self.log = RunLogger(cfg.tracking, self.run_id) if self.ctx.is_main else None
+        # Resilient, as the stages' logger: a tracking outage keeps the metrics back instead of killing the job.
+        self.log = RunLogger(cfg.tracking, self.run_id, resilient=True) if self.ctx.is_main else None
         if self.ctx.is_main:
             if self.state:
                 self.log.metrics({"resumed_from_step": self.step}, self.step)

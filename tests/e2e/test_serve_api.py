@@ -189,8 +189,14 @@ def test_image_generation_sizes_n_and_seeds(client):
     imgs = [_decode_b64_png(d.b64_json) for d in r.data]
     assert len(imgs) == 3 and all(im.size == (NATIVE, NATIVE) for im in imgs)
     assert not np.array_equal(np.asarray(imgs[0]), np.asarray(imgs[1]))  # n images, each its own noise
-    again = client.images.generate(prompt="a blue square", n=1, extra_body={"steps": 2, "seed": 11})
-    assert np.array_equal(np.asarray(_decode_b64_png(again.data[0].b64_json)), np.asarray(imgs[0]))
+    again = client.images.generate(prompt="a blue square", n=3, extra_body={"steps": 2, "seed": 11})
+    for a, b in zip(again.data, imgs):  # the same request: the same pixels
+        assert np.array_equal(np.asarray(_decode_b64_png(a.b64_json)), np.asarray(b))
+    one = client.images.generate(prompt="a blue square", n=1, extra_body={"steps": 2, "seed": 11})
+    # Image 0 alone has image 0's noise; the kernels may sum in another order for another batch size
+    # (seen on a 2-thread CPU: 2 of 3,072 values 1 level apart), so equal up to that rounding only.
+    d = np.abs(np.asarray(_decode_b64_png(one.data[0].b64_json)).astype(int) - np.asarray(imgs[0]).astype(int))
+    assert d.max() <= 2 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
     big = client.images.generate(prompt="a blue square", size="64x64", extra_body={"steps": 2})
     assert _decode_b64_png(big.data[0].b64_json).size == (64, 64)
 

@@ -4,9 +4,10 @@
   random state and losses as an uninterrupted run (compared through `data.record_ids`' per-step record);
 - a resubmission with a changed config records harmless changes and refuses the others;
 - a tracking-server outage (a real `mlflow server`, unreachable for part of the run) costs no metric and
-  does not stop the worker group, and the gap shows in the run.
+  does not stop the worker group, and the gap shows in the run; the towers job likewise.
 """
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -249,4 +250,52 @@ def test_a_tracking_outage_during_training_does_not_stop_the_worker_group(workdi
     outage = json.loads(run.data.tags[TRACKING_OUTAGE_TAG])
     assert len(outage) == 1 and outage[0]["failed_calls"] >= 1 and outage[0]["dropped_metrics"] == 0, outage
     assert [v for _, v in history(cfg.tracking, r.mlflow_run_id, "tracking.failed_calls")] == [outage[0]["failed_calls"]]
+    tally(faults_injected=1, runs_completed=1, records_lost=lost)
+
+
+def test_a_tracking_outage_during_towers_pretraining_does_not_stop_it(ray_session, mlflow_link, tmp_path, tally):
+    """The towers job logs through the same resilient logger: cut mid-run, nothing is lost and it finishes."""
+    from dreamllm_platform.data.config import SyntheticConfig
+    from dreamllm_platform.data.synthetic import write_synthetic
+    from dreamllm_platform.towers import TowersConfig, run_towers_pretraining
+
+    link = mlflow_link
+    tiny = SyntheticConfig(image_size=32, mmc4_shards=0, webdataset_shards=1, parquet_shards=1, pairs_per_shard=12,
+                           conversations=0, instruct_docs=0)
+    write_synthetic(str(tmp_path / "data"), tiny)
+    steps = {"vae": 40, "unet": 10, "vision": 10, "llm": 10}
+    tree = {"flavor": "debug", "data_root": str(tmp_path / "data"), "output": str(tmp_path / "out"),
+            "checkpoint": {"storage_path": str(tmp_path / "runs"), "every_n_steps": 20},
+            "synthetic": {**dataclasses.asdict(tiny), "enabled": False}, "log_every": 1,
+            "tracking": {"tracking_uri": f"http://127.0.0.1:{link.port}", "experiment": "towers-outage"},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+            **{k: {"steps": n, "batch_size": 4, "warmup_steps": 2} for k, n in steps.items()},
+            "samples": {"prompts": ["A large red circle in the center of the image."], "num_inference_steps": 2,
+                        "scored": 2}}
+    tree["vae"].update(crop=None, scaling_images=8)
+    tree["llm"]["scored"] = 2
+    cfg = load_config(TowersConfig, None, (), base=tree)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=run_towers_pretraining(cfg)), daemon=True)
+    t.start()
+    c = client(cfg.tracking)
+    while t.is_alive():  # until the worker has logged a few steps
+        exp = c.get_experiment_by_name("towers-outage")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        if runs and len(c.get_metric_history(runs[0].info.run_id, "vae/loss")) >= 3:
+            break
+        time.sleep(0.2)
+    link.down()  # unreachable for a few seconds of training ...
+    time.sleep(4)
+    link.up()
+    t.join(900)
+    r = result["r"]
+    run = c.get_run(r.mlflow_run_id)
+    assert run.info.status == "FINISHED" and (tmp_path / "out" / "decoder.json").exists()
+    want = set(range(1, steps["vae"] + 1))
+    got = {s for s, _ in history(cfg.tracking, r.mlflow_run_id, "vae/loss")}
+    lost = len(want - got)
+    assert lost == 0, sorted(want - got)  # what the outage held back came later
+    outage = json.loads(run.data.tags[TRACKING_OUTAGE_TAG])
+    assert len(outage) == 1 and outage[0]["failed_calls"] >= 1 and outage[0]["dropped_metrics"] == 0, outage
     tally(faults_injected=1, runs_completed=1, records_lost=lost)
