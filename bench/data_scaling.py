@@ -59,7 +59,7 @@ class PeakRss:
         while not self._stop.is_set():
             self.driver = max(self.driver, self._me.memory_info().rss)
             total = 0
-            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
                 cmd = " ".join(p.info["cmdline"] or [])
                 if cmd.startswith("ray::") and p.info["memory_info"] is not None:
                     total += p.info["memory_info"].rss
@@ -123,11 +123,13 @@ def measure(size: int, storage: str, args, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     # Global dedupe off: the naive loop dedupes within a shard only, so both sides encode the same images.
     cfg = PrecomputeConfig(flavor=args.flavor, data_root=root, output=str(out), sources=sources, synthetic=syn,
-                           filters=FilterConfig(dedupe_images=False), encoder=EncoderConfig(batch_size=16, pool_size=args.pool_size, cpus_per_actor=args.cpus_per_actor),
+                           filters=FilterConfig(dedupe_images=False),
+                           encoder=EncoderConfig(batch_size=16, pool_size=args.pool_size,
+                                                 cpus_per_actor=args.cpus_per_actor),
                            ray_num_cpus=args.cpus)
     shards = len(plan_shards(cfg))
     plan = plan_pool(Resources(args.cpus, 0), cfg.encoder)
-    encoder_threads = plan.size * max(1, round(plan.cpus_per_actor))  # as latents.py gives each actor
+    encoder_threads = plan.size * plan.threads_per_actor
     naive_threads = args.naive_threads or encoder_threads
     torch.set_num_threads(naive_threads)
     naive_out = work / f"naive_store_{size}_{storage}"

@@ -97,6 +97,11 @@ class PoolPlan:
     gpus_per_actor: float
     read_cpus: float
 
+    @property
+    def threads_per_actor(self) -> int:
+        """torch intra-op threads of each actor: its CPU share, at least one."""
+        return max(1, round(self.cpus_per_actor))
+
 
 def plan_pool(res: Resources, enc: EncoderConfig) -> PoolPlan:
     """Size the VAE pool so that read tasks always have CPUs left.
@@ -275,7 +280,7 @@ def encoder_stage(ds, encoder_cls, cfg: PrecomputeConfig, plan: PoolPlan, **map_
                           fn_constructor_kwargs={"flavor": cfg.flavor, "decoder": cfg.decoder, "st": cfg.storage,
                                                  "batch_size": cfg.encoder.batch_size,
                                                  "autocast": cfg.encoder.autocast,
-                                                 "num_threads": max(1, round(plan.cpus_per_actor))},
+                                                 "num_threads": plan.threads_per_actor},
                           **map_kwargs)
 
 
