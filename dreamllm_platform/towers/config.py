@@ -251,6 +251,10 @@ class TowersConfig:
     """Seed of init, data order, noise and samples."""
     log_every: int = 25
     """Steps between progress lines and logged metrics."""
+    record_ids: bool = False
+    """Write the ids of every step's images (each rank's, with its loss and random-state checksum) to
+    <checkpoint.storage_path>/<run_name>/example_ids/, as the stages' `data.record_ids`: e.g. to check that
+    a resume neither skipped nor repeated images."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -14,7 +14,8 @@ asks for a whole CPU whatever `num_cpus` says, which never schedules while a
 Train worker holds most of a 2-CPU machine; and `read_webdataset` fails on a
 truncated tar instead of keeping the samples before the cut.)
 
-Rows: {"pixels": uint8 (R, R, 3), "caption": str, "skip": "" or a drop reason}.
+Rows: {"pixels": uint8 (R, R, 3), "caption": str, "skip": "" or a drop reason, "id": "<shard>/<key>"}
+(the id names what a step trained on, for `record_ids`; "" on a row of an unreadable record).
 What a worker draws from this dataset is `towers.streams`' (kept apart so
 that read tasks import neither torch nor the model library).
 """
@@ -35,9 +36,9 @@ ROWS_PER_BLOCK = 64
 READERS = {"webdataset": readers.iter_webdataset, "laion_parquet": readers.iter_laion_parquet}
 
 
-def _columns(rows: list[tuple[np.ndarray, str, str]]) -> dict:
+def _columns(rows: list[tuple[np.ndarray, str, str, str]]) -> dict:
     return {"pixels": np.stack([r[0] for r in rows]), "caption": np.asarray([r[1] for r in rows], dtype=object),
-            "skip": np.asarray([r[2] for r in rows], dtype=object)}
+            "skip": np.asarray([r[2] for r in rows], dtype=object), "id": np.asarray([r[3] for r in rows], dtype=object)}
 
 
 def read_pairs(batch: dict, resolution: int, st: StorageConfig | None):
@@ -47,16 +48,17 @@ def read_pairs(batch: dict, resolution: int, st: StorageConfig | None):
     for uri, fmt in zip(batch["uri"], batch["format"]):
         report = Report()
         rows = []
-        for _, rec in READERS[fmt](uri, report, st):
+        shard = uri.rstrip("/").rsplit("/", 1)[-1]
+        for key, rec in READERS[fmt](uri, report, st):
             data = rec.get("image")
             img, reason = (decode_image(data, filters) if isinstance(data, (bytes, bytearray))
                            else (None, "missing_image"))
             pixels = blank if img is None else np.asarray(resize_center_crop(img, resolution), np.uint8)
-            rows.append((pixels, (rec.get("caption") or "").strip(), reason or ""))
+            rows.append((pixels, (rec.get("caption") or "").strip(), reason or "", f"{shard}/{key}"))
             if len(rows) == ROWS_PER_BLOCK:
                 yield _columns(rows)
                 rows = []
-        rows += [(blank, "", reason) for reason, n in report.dropped.items() for _ in range(n)]
+        rows += [(blank, "", reason, "") for reason, n in report.dropped.items() for _ in range(n)]
         if rows:
             yield _columns(rows)
 

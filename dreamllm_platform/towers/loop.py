@@ -1,7 +1,9 @@
 """The towers job's worker loop: every phase through one loop, on each Ray Train worker.
 
 Owns: building the towers (seeded, identical on every rank), restoring the
-last checkpoint (weights, step, the phase's optimizer state), the `Phase`
+last checkpoint (weights, step, the phase's optimizer state, and each rank's
+random state and data position, so a resumed run trains on the images and
+draws the noise an uninterrupted one would), the `Phase`
 records (which part trains, on what, with which objective, and what it
 reports at its end), the one phase loop (learning-rate schedule, gradient
 clipping, metric window, checkpoints every `checkpoint.every_n_steps` steps
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,14 +40,19 @@ from dreamllm.components import (build_llm, build_train_scheduler, build_unet, b
 from dreamllm.config import get_flavor
 from dreamllm.tokenizer import build_tokenizer, special_ids
 
+from .. import storage
 from ..tracking import RunLogger
-from ..train.worker import MetricWindow, WorkerContext, lr_factor, report_checkpoint
+from ..train.worker import (MetricWindow, WorkerContext, lr_factor, maybe_fail, record_step, report_checkpoint,
+                            rng_checksum)
 from .config import PhaseSpec, TowersConfig
 from .objectives import (ContrastiveObjective, DiffusionObjective, LmObjective, VaeObjective, build_text_encoder,
                          clip_input, random_crop)
 from .streams import ImageStream, TextBatches
 
 STATE_FILE = "towers_state.pt"
+"""The step, weights, optimizer and metrics (rank 0's; the same on every rank)."""
+POSITION_FILE = "towers_position_rank{rank}.pt"
+"""Each rank's data position and generators (beside its torch/numpy/python random state, `WorkerContext.save_rng`)."""
 PARTS = ("vae", "unet", "text_encoder", "clip", "llm")
 """The trained modules a checkpoint holds (`clip` holds the vision tower and its text tower)."""
 
@@ -65,7 +73,8 @@ class Phase:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point; `config` = {"cfg": TowersConfig, "run_id": str, "config_hash": str, "threads": int}."""
+    """Ray Train entry point; `config` = {"cfg": TowersConfig, "run_id": str, "config_hash": str, "threads": int,
+    "fail_at_step": int | None}."""
     worker = _Worker(config)
     offset = 0
     for phase in worker.phases():
@@ -114,7 +123,10 @@ class _Worker:
         self.llm = build_llm(flavor.llm, special_ids(self.tokenizer, flavor.tokenizer).base_vocab_size)
 
         self.step = 0
-        self.state = self._restore()  # sets the step
+        self.run_dir = storage.join(cfg.checkpoint.storage_path, cfg.run_name)
+        self.fail_at_step = config.get("fail_at_step")
+        self.tail: list[dict] = []  # the phase's last 50 steps' values (its final metrics are their means)
+        self.state = self._restore()  # sets the step and, from this rank's position file, the random state
         self.metrics: dict = dict(self.state.get("metrics", {}))
         for name in PARTS:
             getattr(self, name).to(self.device)
@@ -127,14 +139,27 @@ class _Worker:
             print(f"[towers] flavor={cfg.flavor} workers={self.ctx.world} device={self.device.type} "
                   f"threads={torch.get_num_threads()} start_step={self.step} steps: {steps}", flush=True)
 
-        seed = self.ctx.seed_rank(cfg.seed, self.step)  # noise, crops and texts differ per rank and after a resume
+        position = self.state.get("position")
+        # Noise, crops, data order and texts differ per rank. A resume goes on with the generators where
+        # the checkpoint left them; without this rank's position (another world size) it draws afresh.
+        seed = position["seed"] if position else self.ctx.seed_rank(cfg.seed, self.step)
         self.crops = random.Random(seed)
-        # A resumed run reads the data from its start again: bad images are counted again unless the first
-        # pass had finished before the checkpoint (its total is then in the checkpoint's metrics).
+        # A resumed run reads its data from the start again, up to its position: bad images are counted
+        # again unless the first pass had finished before the checkpoint (its total is then in the metrics).
         self.counted_before = self.state.get("first_pass_done", False)
         self.stream = ImageStream(ray.train.get_dataset_shard("train"), cfg.shuffle_buffer, seed,
                                   first_pass_done=self.counted_before)
         self.texts = TextBatches(cfg.llm, self.stream, self.tokenizer, flavor, seed)
+        if position:
+            self.crops.setstate(position["crops"])
+            self.texts.rng.setstate(position["texts"])
+            self.tail = position["tail"]
+            self.stream.skip(position["taken"])
+        if self.ctx.is_main and self.state:
+            print(f"[towers] resumed at step {self.step}: " + (
+                f"data position ({position['taken']} images) and random state restored" if position else
+                "data read from its start, random state reseeded (the checkpoint has no position for this rank)"),
+                flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> dict:
@@ -144,8 +169,14 @@ class _Worker:
         checkpoint = ray.train.get_checkpoint()
         if not checkpoint:
             return {}
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+        # Each rank reads its own download (ranks sharing one `as_directory()` copy on a node can race).
+        with tempfile.TemporaryDirectory() as own:
+            d = Path(checkpoint.to_directory(own))
+            state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+            position_file = d / POSITION_FILE.format(rank=self.ctx.rank)
+            if state.get("config_hash") == self.config_hash and position_file.is_file():
+                state["position"] = torch.load(position_file, weights_only=False)
+                self.ctx.restore_rng(d, self.cfg.seed, state["step"])
         if state.get("config_hash") != self.config_hash:
             if self.ctx.is_main:
                 print(f"[towers] the run's last checkpoint is of another config ({state.get('config_hash')}): "
@@ -165,12 +196,15 @@ class _Worker:
                 {"n": float(sum(self.stream.skipped.values()))})["n"]
 
         def write(d: Path) -> bool:
-            if not self.ctx.is_main:
-                return False
-            torch.save({"step": self.step, "config_hash": self.config_hash, "phase": phase,
-                        **{name: getattr(self, name).state_dict() for name in PARTS},
-                        "optimizer": optimizer.state_dict() if optimizer else None, "metrics": self.metrics,
-                        "first_pass_done": self.stream.first_pass_done}, d / STATE_FILE)
+            self.ctx.save_rng(d)
+            torch.save({"seed": self.stream.seed, "taken": self.stream.taken, "crops": self.crops.getstate(),
+                        "texts": self.texts.rng.getstate(), "tail": self.tail},
+                       d / POSITION_FILE.format(rank=self.ctx.rank))
+            if self.ctx.is_main:
+                torch.save({"step": self.step, "config_hash": self.config_hash, "phase": phase,
+                            **{name: getattr(self, name).state_dict() for name in PARTS},
+                            "optimizer": optimizer.state_dict() if optimizer else None, "metrics": self.metrics,
+                            "first_pass_done": self.stream.first_pass_done}, d / STATE_FILE)
             return True
 
         report_checkpoint(self.step, self.metrics, write)
@@ -185,11 +219,14 @@ class _Worker:
             optimizer = torch.optim.AdamW(phase.params, lr=spec.lr, weight_decay=spec.weight_decay)
             if self.state.get("optimizer") and self.state.get("phase") == phase.name:
                 optimizer.load_state_dict(self.state["optimizer"])
-            window, tail = MetricWindow(), []
+            window = MetricWindow()
+            if self.state.get("phase") != phase.name:
+                self.tail = []  # a resume within the phase keeps the checkpoint's
             while self.step < end:
                 lr = spec.lr * lr_factor(self.step - offset, spec.steps, spec.warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                rng = rng_checksum()
                 loss, n, values = phase.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -198,12 +235,18 @@ class _Worker:
                 optimizer.step()
                 self.step += 1
                 values = {"loss": loss.item(), **values}
+                maybe_fail(self.fail_at_step, self.step, self.ctx, self.run_dir, self.cfg.storage, "towers")
+                if self.cfg.record_ids:
+                    record_step(self.ctx, self.run_dir, self.cfg.storage, self.step,
+                                {"ids": self.stream.drawn, "loss": values["loss"], "rng": rng})
+                self.stream.drawn = []
                 window.add({"examples": n}, **values)
-                tail = (tail + [values])[-50:]
+                self.tail = (self.tail + [values])[-50:]
                 if self.step % self.cfg.log_every == 0 or self.step == end:
                     self.log_window(window, phase.name, lr)
                 if self.step == end:
-                    means = self.ctx.all_reduce({k: float(np.mean([t[k] for t in tail])) for k in tail[0]}, "mean")
+                    means = self.ctx.all_reduce({k: float(np.mean([t[k] for t in self.tail])) for k in self.tail[0]},
+                                                "mean")
                     final = phase.finish(means)  # may all-reduce: every rank calls it
                     self.metrics.update(final)
                     if self.ctx.is_main:
@@ -232,7 +275,11 @@ class _Worker:
         import ray.train.torch
 
         cfg, dev = self.cfg, self.device
-        prepare = ray.train.torch.prepare_model  # DDP when there are several workers
+
+        def prepare(objective):
+            # DDP when there are several workers. It refuses a module with nothing to train, and the builders
+            # return frozen towers: unfreeze the phase's part here (`run` freezes it again after its phase).
+            return ray.train.torch.prepare_model(objective.requires_grad_(True))
 
         vae_loss = prepare(VaeObjective(self.vae, cfg.vae.kl_weight))
 

@@ -26,22 +26,29 @@ class ImageStream:
     """Endless batches of usable images from this worker's dataset shard, epoch after epoch.
 
     Rows whose `skip` is set (bad images, see `towers.data`) are dropped and counted by reason during
-    the first pass over the shard.
+    the first pass over the shard. The order is a function of `seed` alone (the job keeps Ray Data's
+    order and the shuffles are seeded), so the position is one number, `taken`: a resumed stream that
+    `skip`s that many images goes on with the images an uninterrupted one would have taken next.
     """
 
     def __init__(self, shard, shuffle_buffer: int, seed: int, first_pass_done: bool = False):
         self.shard, self.shuffle_buffer, self.seed = shard, shuffle_buffer, seed
         self.skipped: dict[str, int] = {}
         self.first_pass_done = first_pass_done
+        self.taken = 0
+        """Images handed out so far (`take` and `skip`): the stream's position."""
+        self.drawn: list[str] = []
+        """Ids of the images taken since the caller last cleared it (what a step trained on)."""
         self.pixels: list[np.ndarray] = []
         self.captions: list[str] = []
+        self.ids: list[str] = []
         self._rows = self._epochs()
 
     def _epochs(self):
         # A shard that fits in CACHE_IMAGES is read once and replayed from memory in a new order each
         # epoch: every streamed epoch would start new read tasks (a fresh worker process each on a
         # small machine, importing torch), which on 2 cores costs more than the training steps.
-        cache: list[tuple[np.ndarray, str]] | None = []
+        cache: list[tuple[np.ndarray, str, str]] | None = []
         epoch = 0
         while True:
             epoch += 1
@@ -56,9 +63,9 @@ class ImageStream:
                 usable += int(ok.sum())
                 if ok.any():
                     if cache is not None:
-                        cache += zip(b["pixels"][ok], b["caption"][ok])
+                        cache += zip(b["pixels"][ok], b["caption"][ok], b["id"][ok])
                         cache = cache if len(cache) <= CACHE_IMAGES else None
-                    yield b["pixels"][ok], list(b["caption"][ok])
+                    yield b["pixels"][ok], list(b["caption"][ok]), list(b["id"][ok])
             self.first_pass_done = True
             if not usable:
                 raise ValueError(f"no usable images in this worker's data (skipped: {self.skipped or 'none'})")
@@ -69,19 +76,34 @@ class ImageStream:
             order = rng.permutation(len(cache))
             for start in range(0, len(order), 64):
                 part = [cache[i] for i in order[start:start + 64]]
-                yield np.stack([p for p, _ in part]), [str(c) for _, c in part]
+                yield np.stack([p for p, _, _ in part]), [str(c) for _, c, _ in part], [str(i) for _, _, i in part]
+
+    def _fill(self, n: int) -> None:
+        while len(self.captions) < n:
+            pixels, captions, ids = next(self._rows)
+            self.pixels.extend(pixels)
+            self.captions.extend(captions)
+            self.ids.extend(ids)
 
     def take(self, n: int) -> tuple[torch.Tensor, list[str]]:
         """(pixels_B3HW float in [-1, 1], captions) of the next `n` usable images."""
-        while len(self.captions) < n:
-            pixels, captions = next(self._rows)
-            self.pixels.extend(pixels)
-            self.captions.extend(captions)
+        self._fill(n)
         u8 = np.stack(self.pixels[:n])
         caps = self.captions[:n]
-        del self.pixels[:n], self.captions[:n]
+        self.drawn += self.ids[:n]
+        del self.pixels[:n], self.captions[:n], self.ids[:n]
+        self.taken += n
         # The arithmetic of dreamllm.images.vae_pixels: x / 255 * 2 - 1.
         return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0, caps
+
+    def skip(self, n: int) -> None:
+        """Move on `n` images without decoding them into tensors (a resume's way back to its position):
+        the same reads, in the same chunks, as the takes that went there."""
+        while n:
+            self._fill(1)
+            k = min(n, len(self.captions))
+            del self.pixels[:k], self.captions[:k], self.ids[:k]
+            self.taken, n = self.taken + k, n - k
 
 
 class TextBatches:

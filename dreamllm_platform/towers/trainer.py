@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from dreamllm.config import get_flavor
@@ -24,7 +25,7 @@ from ..mlflow_tags import FLAVOR_TAG, JOB_TAG, TOWERS_CONFIG_HASH_TAG
 from ..runtime import init_ray
 from ..tracking import tracking_uri
 from ..train.run import absolute, fit
-from ..train.trainer import scaling_config
+from ..train.trainer import FAIL_ENV, scaling_config
 from .config import TowersConfig
 from .data import image_caption_dataset
 from .loop import train_loop
@@ -84,7 +85,9 @@ def run_towers_pretraining(cfg: TowersConfig) -> TowersResult:
             raise RuntimeError(f"training finished but {storage.join(cfg.output, DECODER_FILE)} was not written")
 
     c = cfg.checkpoint
-    fitted = fit(train_loop, {"cfg": cfg, "config_hash": config_hash, "threads": threads}, run_name=cfg.run_name,
+    fail_at = int(os.environ[FAIL_ENV]) if os.environ.get(FAIL_ENV) else None  # the fault suite's injection
+    fitted = fit(train_loop, {"cfg": cfg, "config_hash": config_hash, "threads": threads, "fail_at_step": fail_at},
+                 run_name=cfg.run_name,
                  storage_path=c.storage_path, max_failures=c.max_failures, num_to_keep=c.num_to_keep,
                  scaling=scaling, datasets={"train": dataset}, tracking_cfg=cfg.tracking, params=to_flat_dict(cfg),
                  tags={JOB_TAG: "towers", FLAVOR_TAG: cfg.flavor, TOWERS_CONFIG_HASH_TAG: config_hash}, label="towers", check=check)

@@ -11,11 +11,8 @@ sample images, and the stage's export. The model maths is `dreamllm`'s.
 from __future__ import annotations
 
 import json
-import os
 import random
 import tempfile
-import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -31,11 +28,10 @@ from ..mlflow_tags import CHECKPOINT_URI_TAG, STAGE_TAG
 from ..pictures import log_run_pictures
 from ..tracking import RunLogger
 from .config import TrainConfig
-from .worker import MetricWindow, WorkerContext, lr_factor, report_checkpoint
+from .worker import MetricWindow, WorkerContext, lr_factor, maybe_fail, record_step, report_checkpoint, rng_checksum
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
-IDS_DIR = "example_ids"
 NO_DECAY = ("bias", "norm", "dream_queries", "new_token_embed", "new_token_head")
 
 
@@ -228,7 +224,7 @@ def train_loop(config: dict) -> None:
     while step < cfg.optim.max_steps:
         sums = {"loss": 0.0, "loss_lm": 0.0, "loss_diffusion": 0.0}
         counts = {"samples": 0.0, "tokens": 0.0, "images": 0.0}
-        ids, rng_crc = [], zlib.crc32(torch.get_rng_state().numpy().tobytes())
+        ids, rng_crc = [], rng_checksum()
         for _ in range(ga):
             batch = next(batches)
             ids += batch.pop("example_ids")
@@ -244,9 +240,9 @@ def train_loop(config: dict) -> None:
             counts["tokens"] += int(real.sum())
             counts["images"] += out.num_images_created
         step += 1
-        _maybe_fail(config.get("fail_at_step"), step, rank, world, cfg)
+        maybe_fail(config.get("fail_at_step"), step, ctx, _run_dir(cfg), cfg.storage, "train")
         if cfg.data.record_ids:
-            _record_ids(ctx, cfg, step, {"ids": ids, "loss": sums["loss"], "rng": rng_crc})
+            record_step(ctx, _run_dir(cfg), cfg.storage, step, {"ids": ids, "loss": sums["loss"], "rng": rng_crc})
 
         window.add({"tokens": counts["tokens"], "images": counts["images"]}, **sums)
         counts = ctx.all_reduce(counts)
@@ -308,15 +304,6 @@ def _save_and_report(engine, ctx: WorkerContext, state: dict, metrics) -> None:
     report_checkpoint(state["step"], metrics, write)
 
 
-def _record_ids(ctx: WorkerContext, cfg: TrainConfig, step: int, mine: dict) -> None:
-    """`data.record_ids`: rank 0 writes every rank's example ids, loss and random-state checksum of `step` to
-    <run dir>/example_ids/step_NNNNNNN.json (a step run again after a restart overwrites its file)."""
-    ranks = ctx.gather(mine)
-    if ctx.is_main:
-        storage.write_bytes(storage.join(_run_dir(cfg), IDS_DIR, f"step_{step:07d}.json"),
-                            json.dumps({"step": step, "ranks": ranks}).encode(), cfg.storage)
-
-
 def _export(engine, cfg: TrainConfig, uri: str, run_id: str, step: int, rank: int) -> None:
     """The consolidated inference checkpoint (what evaluation, the registry and serving load)."""
     import deepspeed
@@ -345,18 +332,3 @@ def _log_samples(engine, cfg: TrainConfig, log, step: int, rank: int) -> tuple[l
     for i, img in enumerate(images):
         log.image(img, f"samples/step_{step:07d}_{i}.png")
     return images, prompts
-
-
-def _maybe_fail(fail_at_step: int | None, step: int, rank: int, world: int, cfg: TrainConfig) -> None:
-    """Fault injection for tests: the last rank dies once at `fail_at_step` (DREAMLLM_FAIL_AT_STEP)."""
-    if not fail_at_step or step != fail_at_step or rank != world - 1:
-        return
-    marker = storage.join(_run_dir(cfg), ".fault_injected")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, b"1")
-    print(f"[train] fault injection: rank {rank} dies at step {step}", flush=True)
-    # Ray Train's controller collects reported checkpoints every 2 s; a crash
-    # right after a report can lose it. Die a little later, like a real fault.
-    time.sleep(5)
-    os._exit(1)

@@ -5,21 +5,30 @@ Owns: a worker's place in the group (rank, world size, device), its random
 state (identical initial weights on every rank, then noise, timesteps and
 dropout of each rank's own; saved in a checkpoint and restored on resume so a
 resumed run draws what an uninterrupted one would), the learning-rate schedule, sums and means over
-ranks, the metric window behind each progress line, and reporting a
-checkpoint directory to Ray Train.
+ranks, the metric window behind each progress line, reporting a
+checkpoint directory to Ray Train, the per-step record of what each rank
+trained on (`record_ids`), and the fault injection the fault suite uses.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .. import storage
+
+IDS_DIR = "example_ids"
+"""Under a run's directory: the per-step records of `record_step`."""
 
 
 @dataclass
@@ -151,3 +160,33 @@ def report_checkpoint(step: int, metrics: dict, write: Callable[[Path], bool]) -
         has_files = write(Path(d))
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d) if has_files else None,
                          checkpoint_dir_name=f"step_{step:07d}")
+
+
+def rng_checksum() -> int:
+    """CRC of torch's CPU random state: what a step's noise, timesteps and dropout are drawn from."""
+    return zlib.crc32(torch.get_rng_state().numpy().tobytes())
+
+
+def record_step(ctx: WorkerContext, run_dir: str, st, step: int, mine: dict) -> None:
+    """`record_ids`: rank 0 writes every rank's `mine` (example ids, loss, `rng_checksum`) of `step` to
+    <run_dir>/example_ids/step_NNNNNNN.json (a step run again after a restart overwrites its file)."""
+    ranks = ctx.gather(mine)
+    if ctx.is_main:
+        storage.write_bytes(storage.join(run_dir, IDS_DIR, f"step_{step:07d}.json"),
+                            json.dumps({"step": step, "ranks": ranks}).encode(), st)
+
+
+def maybe_fail(fail_at_step: int | None, step: int, ctx: WorkerContext, run_dir: str, st, label: str) -> None:
+    """Fault injection for tests: the last rank dies once, at `fail_at_step` (DREAMLLM_FAIL_AT_STEP), marked
+    by <run_dir>/.fault_injected so that the restarted group runs through."""
+    if not fail_at_step or step != fail_at_step or ctx.rank != ctx.world - 1:
+        return
+    marker = storage.join(run_dir, ".fault_injected")
+    if storage.exists(marker, st):
+        return
+    storage.write_bytes(marker, b"1", st)
+    print(f"[{label}] fault injection: rank {ctx.rank} dies at step {step}", flush=True)
+    # Ray Train's controller collects reported checkpoints every 2 s; a crash
+    # right after a report can lose it. Die a little later, like a real fault.
+    time.sleep(5)
+    os._exit(1)

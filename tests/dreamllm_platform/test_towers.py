@@ -141,6 +141,27 @@ def test_resubmission_is_a_no_op(job):
     assert snapshot(cfg.output) == before
 
 
+def test_an_image_stream_skips_to_where_its_takes_went(ray_session):
+    """The towers' data position is one count: a stream that skips it goes on as the one that took it."""
+    from dreamllm_platform.towers.streams import ImageStream
+
+    rows = [{"pixels": np.full((4, 4, 3), i, np.uint8), "caption": f"c{i}", "skip": "undecodable" if i % 7 == 0 else "",
+             "id": f"s/{i}"} for i in range(150)]
+    ds = ray_session.data.from_items(rows, override_num_blocks=3)
+    a = ImageStream(ds, shuffle_buffer=16, seed=5)
+    for n in (3, 70, 1, 64, 130, 9):  # 277 of 128 usable images: past the first pass, into replayed epochs
+        a.take(n)
+    b = ImageStream(ds, shuffle_buffer=16, seed=5)
+    b.skip(a.taken)
+    assert (b.taken, b.skipped, b.first_pass_done) == (a.taken, {"undecodable": 22}, True)
+    pa, ca = a.take(50)
+    pb, cb = b.take(50)
+    assert ca == cb and torch.equal(pa, pb) and a.drawn[-50:] == b.drawn
+    assert sorted(a.drawn[:128]) == sorted(f"s/{i}" for i in range(150) if i % 7)  # each image once an epoch
+    c = ImageStream(ds, shuffle_buffer=16, seed=6)
+    assert c.take(50)[1] != ca  # the order is the seed's
+
+
 def test_a_run_of_the_same_name_resumes_from_its_last_checkpoint(job):
     """Another output, same config: the Ray run's final checkpoint is restored, nothing is retrained."""
     cfg, r, tmp = job

@@ -2,6 +2,7 @@
 
 - a worker killed mid-run (os._exit in the last rank, first attempt only) resumes at the same examples,
   random state and losses as an uninterrupted run (compared through `data.record_ids`' per-step record);
+  the towers job likewise (its `record_ids`), killed in its LLM phase after three phases' worth of images;
 - a resubmission with a changed config records harmless changes and refuses the others;
 - a tracking-server outage (a real `mlflow server`, unreachable for part of the run) costs no metric and
   does not stop the worker group, and the gap shows in the run; the towers job likewise.
@@ -28,7 +29,7 @@ from dreamllm_platform.data.latents import run_precompute
 from dreamllm_platform.mlflow_tags import CONFIG_CHANGES_TAG, TRACKING_OUTAGE_TAG
 from dreamllm_platform.tracking import RunLogger, TrackingConfig, client
 from dreamllm_platform.train.config import STAGE_DEFAULTS, TrainConfig
-from dreamllm_platform.train.loop import IDS_DIR
+from dreamllm_platform.train.worker import IDS_DIR
 from dreamllm_platform.train.trainer import FAIL_ENV, run_stage
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def stage_cfg(d, name, *sets, tracking_uri=None) -> TrainConfig:
 
 
 def ledger(cfg) -> dict[int, list[dict]]:
-    """{step: [rank 0's {ids, loss, rng}, rank 1's ...]} of a run's `data.record_ids` record."""
+    """{step: [rank 0's {ids, loss, rng}, rank 1's ...]} of a run's `record_ids` record (a stage's or towers')."""
     d = storage.local_path(storage.join(cfg.checkpoint.storage_path, cfg.run_name, IDS_DIR))
     return {json.loads(f.read_text())["step"]: json.loads(f.read_text())["ranks"] for f in sorted(Path(d).iterdir())}
 
@@ -76,10 +77,10 @@ def whole_and_killed(workdir):
     return whole, killed, r
 
 
-def test_a_killed_worker_resumes_at_the_same_examples_random_state_and_losses(whole_and_killed, tally):
-    whole, killed, _ = whole_and_killed
-    a, b = ledger(whole), ledger(killed)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+def compare_ledgers(a: dict, b: dict, steps: int) -> int:
+    """Assert two runs' records are step for step the same (ids in order, random state, loss; each rank its
+    own examples and draws); returns the examples one run saw and the other did not."""
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     lost = 0
     for step in a:
         for ra, rb in zip(a[step], b[step]):
@@ -94,6 +95,56 @@ def test_a_killed_worker_resumes_at_the_same_examples_random_state_and_losses(wh
         # each rank its own examples and its own noise, timesteps and dropout
         assert a[step][0]["rng"] != a[step][1]["rng"], step
         assert not set(a[step][0]["ids"]) & set(a[step][1]["ids"]), step
+    return lost
+
+
+def test_a_killed_worker_resumes_at_the_same_examples_random_state_and_losses(whole_and_killed, tally):
+    whole, killed, _ = whole_and_killed
+    lost = compare_ledgers(ledger(whole), ledger(killed), STEPS)
+    tally(faults_injected=1, runs_completed=2, records_lost=lost)
+
+
+TOWERS_STEPS = {"vae": 10, "unet": 10, "vision": 10, "llm": 20}
+
+
+def test_a_killed_towers_worker_resumes_at_the_same_images_random_state_and_losses(ray_session, tmp_path, tally):
+    """Killed in step 44 (the LLM phase, whose captions come from the image stream), resumed from the
+    checkpoint of step 40: every step, before and after, trains on what the uninterrupted run's did."""
+    from dreamllm_platform.data.config import SyntheticConfig
+    from dreamllm_platform.data.synthetic import write_synthetic
+    from dreamllm_platform.towers import TowersConfig, run_towers_pretraining
+
+    tiny = SyntheticConfig(image_size=32, mmc4_shards=0, webdataset_shards=1, parquet_shards=1, pairs_per_shard=12,
+                           conversations=0, instruct_docs=0)
+    write_synthetic(str(tmp_path / "data"), tiny)
+
+    def towers(name):
+        tree = {"flavor": "debug", "data_root": str(tmp_path / "data"), "output": str(tmp_path / name),
+                "checkpoint": {"storage_path": str(tmp_path / "runs"), "every_n_steps": 10}, "run_name": name,
+                "synthetic": {**dataclasses.asdict(tiny), "enabled": False}, "log_every": 5, "record_ids": True,
+                "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 1}, "shuffle_buffer": 8,
+                **{k: {"steps": n, "batch_size": 3, "warmup_steps": 2} for k, n in TOWERS_STEPS.items()},
+                "samples": {"prompts": ["A large red circle in the center of the image."],
+                            "num_inference_steps": 2, "scored": 2}}
+        tree["vae"].update(crop=16, scaling_images=4)  # the crops draw from their own generator
+        tree["llm"]["scored"] = 2
+        return load_config(TowersConfig, None, (), base=tree)
+
+    whole = towers("whole")
+    a = run_towers_pretraining(whole)
+    killed = towers("killed")
+    os.environ[FAIL_ENV] = "44"
+    try:
+        b = run_towers_pretraining(killed)
+    finally:
+        del os.environ[FAIL_ENV]
+    assert storage.exists(str(tmp_path / "runs" / "killed" / ".fault_injected"))
+    assert [v for _, v in history(killed.tracking, b.mlflow_run_id, "resumed_from_step")] == [40.0]
+    lost = compare_ledgers(ledger(whole), ledger(killed), sum(TOWERS_STEPS.values()))
+    assert a.metrics == b.metrics  # the phases' final metrics (means of their last steps) and the samples' scores
+    for part in ("llm/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "whole" / part).read_bytes() == (tmp_path / "killed" / part).read_bytes(), part
     tally(faults_injected=1, runs_completed=2, records_lost=lost)
 
 
